@@ -1,0 +1,94 @@
+/*
+Compare-outputs harness: loads a reference file written by the NumPy oracle, runs the C trainer on
+the same batch and prints one line per tensor. Exits non-zero on any mismatch.
+    ./test_cpu ref/ref_lstm.bin [-tol 1e-5]
+*/
+#define PYRNN_NO_MAIN
+#include "train_rnn.c"
+#include "reference.h"
+
+static int n_failed = 0;
+static float tolerance = 1e-5f;
+
+// relative error ||a - b|| / ||b||, with the max abs diff for the eye
+static void check(const char* name, const float* a, const float* b, size_t n, float tol) {
+    double diff2 = 0.0, ref2 = 0.0, maxabs = 0.0;
+    int finite = 1;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - (double)b[i];
+        if (!isfinite(a[i])) finite = 0;
+        diff2 += d * d;
+        ref2 += (double)b[i] * b[i];
+        if (fabs(d) > maxabs) maxabs = fabs(d);
+    }
+    double rel = ref2 > 0.0 ? sqrt(diff2 / ref2) : sqrt(diff2);
+    int ok = finite && rel <= tol;
+    if (!ok) n_failed++;
+    printf("%-24s n=%-8zu max abs diff %.3e  rel err %.3e  %s\n", name, n, maxabs, rel, ok ? "OK" : "NOT OK");
+}
+
+// one line per parameter tensor, in state_dict order
+static void check_params(const char* what, const Model* m, const float* a, const float* b, float tol) {
+    char name[128];
+    for (int i = 0; i < model_tensor_count(&m->config); i++) {
+        size_t off, n;
+        model_tensor_info(&m->config, i, name, sizeof(name), &off, &n);
+        char label[160];
+        snprintf(label, sizeof(label), "%s %s", what, name);
+        check(label, a + off, b + off, n, tol);
+    }
+}
+
+int main(int argc, char** argv) {
+    if (argc < 2) { fprintf(stderr, "usage: %s REFERENCE_FILE [-tol X]\n", argv[0]); return 2; }
+    for (int i = 2; i + 1 < argc; i += 2)
+        if (strcmp(argv[i], "-tol") == 0) tolerance = strtof(argv[i + 1], NULL);
+    Reference r;
+    if (reference_load(&r, argv[1])) { fprintf(stderr, "error: %s\n", pyrnn_last_error()); return 1; }
+    Config c = r.config;
+    size_t bh = (size_t)c.n_layers * r.B * c.hidden_size;
+    int lstm = c.cell == CELL_LSTM;
+    printf("reference %s: cell=%s V=%d E=%d H=%d L=%d B=%d T=%d steps=%d\n", argv[1], cell_names[c.cell],
+           c.vocab_size, c.embed_size, c.hidden_size, c.n_layers, r.B, r.T, r.n_steps);
+    Model* m = model_new(c);
+    if (!m) { fprintf(stderr, "error: %s\n", pyrnn_last_error()); return 1; }
+    memcpy(m->params, r.params, m->num_params * sizeof(float));
+    model_set_training(m, 1, 0.0f);
+
+    // one forward / backward on the reference batch
+    if (model_forward(m, r.inputs, r.targets, r.h0, lstm ? r.c0 : NULL, r.B, r.T)) {
+        fprintf(stderr, "error: %s\n", pyrnn_last_error());
+        return 1;
+    }
+    check("logits", m->logits, r.logits, (size_t)r.B * r.T * c.vocab_size, tolerance);
+    check("loss", &m->loss, r.loss, 1, tolerance);
+    check("h_n", m->h_n, r.h_n, bh, tolerance);
+    if (lstm) check("c_n", m->c_n, r.c_n, bh, tolerance);
+    model_zero_grad(m);
+    model_backward(m);
+    check_params("grad", m, m->grads, r.grads, tolerance);
+    check("grad h0", m->dh0, r.dh0, bh, tolerance);
+    if (lstm) check("grad c0", m->dc0, r.dc0, bh, tolerance);
+
+    // n_steps of AdamW with clipping on the same batch
+    float* losses = (float*)malloc((r.n_steps + 1) * sizeof(float));
+    float* norms = (float*)malloc((r.n_steps + 1) * sizeof(float));
+    memcpy(m->params, r.params, m->num_params * sizeof(float));
+    for (int s = 0; s < r.n_steps; s++) {
+        model_forward(m, r.inputs, r.targets, r.h0, lstm ? r.c0 : NULL, r.B, r.T);
+        losses[s] = m->loss;
+        model_zero_grad(m);
+        model_backward(m);
+        model_step(m, r.lr, r.beta1, r.beta2, r.eps, r.weight_decay, r.max_grad_norm, &norms[s]);
+    }
+    if (r.n_steps > 0) {
+        check("step losses", losses, r.step_losses, r.n_steps, tolerance);
+        check("step grad norms", norms, r.step_norms, r.n_steps, tolerance);
+        check_params("after steps", m, m->params, r.params_after, tolerance);
+    }
+    free(losses); free(norms);
+    model_free(m);
+    reference_free(&r);
+    printf(n_failed ? "FAILED: %d tensors differ\n" : "overall: OK\n", n_failed);
+    return n_failed ? 1 : 0;
+}
