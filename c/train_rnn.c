@@ -197,6 +197,33 @@ static void colsum_accumulate(float* out, const float* x, long rows, int cols) {
     }
 }
 
+// sum of squares in double with a fixed combination order, so a run is bit-reproducible for a given
+// thread count (OpenMP's reduction clause adds the partial sums in whatever order threads finish)
+#define MAX_THREADS 256
+static double sum_squares(const float* x, size_t n) {
+    double partial[MAX_THREADS] = { 0 };
+    int n_threads = 1;
+    #pragma omp parallel
+    {
+        #ifdef _OPENMP
+        int id = omp_get_thread_num(), nt = omp_get_num_threads();
+        #else
+        int id = 0, nt = 1;
+        #endif
+        if (id < MAX_THREADS) {
+            int parts = nt < MAX_THREADS ? nt : MAX_THREADS;
+            size_t lo = n * id / parts, hi = n * (id + 1) / parts;
+            double s = 0.0;
+            for (size_t i = lo; i < hi; i++) s += (double)x[i] * x[i];
+            partial[id] = s;
+            if (id == 0) n_threads = parts;
+        }
+    }
+    double total = 0.0;
+    for (int i = 0; i < n_threads; i++) total += partial[i];
+    return total;
+}
+
 // ----------------------------------------------------------------------------
 // random numbers: splitmix64, one 64-bit state, cheap to checkpoint
 
@@ -823,8 +850,7 @@ int model_forward(Model* m, const int* inputs, const int* targets, const float* 
     else memcpy(m->head_in, top, bt * H * sizeof(float));
     matmul(m->logits, m->head_in, H, 1, m->head_w, 1, H, (int)bt, V, H, 0);
     // bias, then log-sum-exp per row and the mean cross-entropy
-    double loss = 0.0;
-    #pragma omp parallel for schedule(static) reduction(+:loss)
+    #pragma omp parallel for schedule(static)
     for (long r = 0; r < (long)bt; r++) {
         float* z = m->logits + (size_t)r * V;
         float mx = -FLT_MAX;
@@ -832,8 +858,9 @@ int model_forward(Model* m, const int* inputs, const int* targets, const float* 
         float sum = 0.0f;
         for (int v = 0; v < V; v++) sum += expf(z[v] - mx);
         m->lse[r] = mx + logf(sum);
-        if (targets) loss += m->lse[r] - z[m->targets[r]];
     }
+    double loss = 0.0;   // serial and in double: fixed order, and cheap next to the GEMMs
+    if (targets) for (size_t r = 0; r < bt; r++) loss += m->lse[r] - m->logits[r * V + m->targets[r]];
     m->loss = targets ? (float)(loss / (double)bt) : 0.0f;
     stack_final_states(m->h_n, m->c_n, &m->rnn);
     return 0;
@@ -867,13 +894,11 @@ int model_backward(Model* m) {
 // optimizer: global-norm clipping (torch clip_grad_norm_) and AdamW (torch.optim.AdamW)
 
 float model_grad_norm(const Model* m) {
-    double ss = 0.0;
-    #pragma omp parallel for schedule(static) reduction(+:ss)
-    for (long i = 0; i < (long)m->num_params; i++) ss += (double)m->grads[i] * m->grads[i];
-    return (float)sqrt(ss);
+    return (float)sqrt(sum_squares(m->grads, m->num_params));
 }
 
-// clips, then takes one AdamW step; weight decay applies to every parameter. Returns the norm before clipping.
+// clips, then takes one AdamW step; weight decay applies to every parameter. Reports the norm before
+// clipping, and skips the update entirely when that norm is not finite.
 int model_step(Model* m, float lr, float beta1, float beta2, float eps, float weight_decay, float max_grad_norm,
                float* grad_norm) {
     if (!m->m) {
@@ -883,6 +908,7 @@ int model_step(Model* m, float lr, float beta1, float beta2, float eps, float we
     }
     float norm = model_grad_norm(m);
     if (grad_norm) *grad_norm = norm;
+    if (!isfinite(norm)) return 0;   // a NaN or Inf gradient must never reach the parameters; the caller decides what next
     float clip = 1.0f;
     if (max_grad_norm > 0.0f) { clip = max_grad_norm / (norm + 1e-6f); if (clip > 1.0f) clip = 1.0f; }
     m->adam_t++;
@@ -987,3 +1013,778 @@ void model_tensor_info(const Config* c, int i, char* name, size_t name_size, siz
     if (i == 1 + 4 * c->n_layers) { snprintf(name, name_size, "head.weight"); *offset = off; *numel = V * H; return; }
     snprintf(name, name_size, "head.bias"); *offset = off + V * H; *numel = V;
 }
+
+// ----------------------------------------------------------------------------
+// token files (docs/formats.md): a 1024-byte header with the vocabulary, then one byte per token
+
+#define TOKENS_MAGIC 20261101
+#define TOKENS_VERSION 1
+#define TOKENS_HEADER 1024
+
+typedef struct {
+    Blob blob;
+    int vocab_size;
+    unsigned char vocab[256];
+    const unsigned char* tokens;
+    size_t n_tokens;
+} TokenFile;
+
+void tokens_free(TokenFile* f) { blob_free(&f->blob); }
+
+static int tokens_parse(TokenFile* f, const char* path) {
+    const unsigned char* h = (const unsigned char*)blob_take(&f->blob, TOKENS_HEADER, "header");
+    if (!h) return -1;
+    int32_t magic, version, vocab_size;
+    int64_t n;
+    memcpy(&magic, h, 4); memcpy(&version, h + 4, 4); memcpy(&vocab_size, h + 8, 4); memcpy(&n, h + 16, 8);
+    if (magic != TOKENS_MAGIC) return fail("%s: not a pyrnn token file (bad magic; make one with `python -m pyrnn prepare`)", path);
+    if (version != TOKENS_VERSION) return fail("%s: token file version %d, this build reads version %d", path, version, TOKENS_VERSION);
+    if (vocab_size < 1 || vocab_size > 256) return fail("%s: vocabulary size %d is outside 1..256", path, vocab_size);
+    if (n < 0 || (uint64_t)n != f->blob.size - TOKENS_HEADER)
+        return fail("%s: header says %lld tokens but the file holds %zu (truncated or corrupted)", path, (long long)n,
+                    f->blob.size - TOKENS_HEADER);
+    f->vocab_size = vocab_size;
+    memcpy(f->vocab, h + 24, 256);
+    f->tokens = (const unsigned char*)blob_take(&f->blob, (size_t)n, "tokens");
+    f->n_tokens = (size_t)n;
+    for (size_t i = 0; i < f->n_tokens; i++)
+        if (f->tokens[i] >= vocab_size)
+            return fail("%s: token %d at position %zu is outside the vocabulary [0, %d)", path, f->tokens[i], i, vocab_size);
+    return 0;
+}
+
+int tokens_load(TokenFile* f, const char* path) {
+    memset(f, 0, sizeof(*f));
+    if (blob_load(&f->blob, path)) return -1;
+    if (tokens_parse(f, path)) { tokens_free(f); return -1; }
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// data loader, char-rnn layout: the text is cut into B contiguous streams, and batch k takes tokens
+// [k*T, (k+1)*T] of every stream, so row b of batch k+1 continues row b of batch k and the final
+// hidden state of one batch is the right initial state of the next
+
+typedef struct {
+    const unsigned char* tokens;
+    size_t stream_len;   // tokens per stream, a multiple of T
+    int B, T;
+    long n_batches, pos;
+} DataLoader;
+
+int loader_init(DataLoader* d, const TokenFile* f, int B, int T, const char* what) {
+    memset(d, 0, sizeof(*d));
+    if (B <= 0 || T <= 0) return fail("batch size and sequence length must be positive, got B=%d T=%d", B, T);
+    d->tokens = f->tokens; d->B = B; d->T = T;
+    d->n_batches = f->n_tokens > 0 ? (long)((f->n_tokens - 1) / ((size_t)B * T)) : 0;
+    if (d->n_batches < 1)
+        return fail("%s split has %zu tokens, too few for one batch of B=%d x T=%d (needs %zu)", what, f->n_tokens, B, T,
+                    (size_t)B * T + 1);
+    d->stream_len = (size_t)d->n_batches * T;
+    return 0;
+}
+
+// next batch into inputs / targets (B, T); returns 1 when this batch starts a new pass over the data
+int loader_next(DataLoader* d, int* inputs, int* targets) {
+    int wrapped = d->pos == 0;
+    for (int b = 0; b < d->B; b++) {
+        const unsigned char* src = d->tokens + (size_t)b * d->stream_len + (size_t)d->pos * d->T;
+        for (int t = 0; t < d->T; t++) {
+            inputs[(size_t)b * d->T + t] = src[t];
+            targets[(size_t)b * d->T + t] = src[t + 1];
+        }
+    }
+    d->pos = (d->pos + 1) % d->n_batches;
+    return wrapped;
+}
+
+// ----------------------------------------------------------------------------
+// sampling: feed the prime through the model, then draw one token at a time with the state carried
+
+static int compare_floats_descending(const void* a, const void* b) {
+    float x = *(const float*)a, y = *(const float*)b;
+    return (x < y) - (x > y);
+}
+
+static int sample_from_logits(const float* logits, int V, float temperature, int top_k, uint64_t* rng) {
+    if (temperature <= 0.0f) {   // argmax
+        int best = 0;
+        for (int v = 1; v < V; v++) if (logits[v] > logits[best]) best = v;
+        return best;
+    }
+    float threshold = -FLT_MAX;   // logits below the k-th largest are dropped
+    if (top_k > 0 && top_k < V) {
+        float sorted[256];
+        memcpy(sorted, logits, V * sizeof(float));
+        qsort(sorted, V, sizeof(float), compare_floats_descending);
+        threshold = sorted[top_k - 1];
+    }
+    float mx = -FLT_MAX;
+    for (int v = 0; v < V; v++) if (logits[v] >= threshold && logits[v] > mx) mx = logits[v];
+    double probs[256], total = 0.0;
+    for (int v = 0; v < V; v++) {
+        probs[v] = logits[v] >= threshold ? exp((double)(logits[v] - mx) / temperature) : 0.0;
+        total += probs[v];
+    }
+    double u = rng_uniform(rng) * total, cdf = 0.0;
+    for (int v = 0; v < V; v++) { cdf += probs[v]; if (u < cdf) return v; }
+    for (int v = V - 1; v >= 0; v--) if (probs[v] > 0.0) return v;
+    return 0;
+}
+
+// out receives n tokens drawn after the prime (n_prime >= 1); temperature <= 0 means argmax
+int model_sample(Model* m, int* out, const int* prime, int n_prime, int n, float temperature, int top_k, uint64_t seed) {
+    if (n_prime < 1) return fail("sampling needs a prime of at least one token");
+    int training = m->rnn.training;
+    model_set_training(m, 0, m->dropout);
+    size_t lh = (size_t)m->config.n_layers * m->config.hidden_size;
+    float* state = (float*)alloc_floats(2 * lh);
+    if (!state) return fail("out of memory");
+    uint64_t rng = seed;
+    int lstm = m->config.cell == CELL_LSTM, status = 0;
+    if (model_forward(m, prime, NULL, NULL, NULL, 1, n_prime)) status = -1;
+    const float* last = m->logits + (size_t)(n_prime - 1) * m->config.vocab_size;
+    for (int i = 0; i < n && status == 0; i++) {
+        int tok = sample_from_logits(last, m->config.vocab_size, temperature, top_k, &rng);
+        out[i] = tok;
+        memcpy(state, m->h_n, lh * sizeof(float));
+        if (lstm) memcpy(state + lh, m->c_n, lh * sizeof(float));
+        if (i + 1 < n && model_forward(m, &tok, NULL, state, lstm ? state + lh : NULL, 1, 1)) status = -1;
+        last = m->logits;
+    }
+    free(state);
+    model_set_training(m, training, m->dropout);
+    return status;
+}
+
+// ----------------------------------------------------------------------------
+// checkpoints (docs/formats.md): written to NAME.tmp, fsynced, renamed, so a reader only ever sees
+// a complete file; the CRC-32 at the end catches everything else
+
+#define CKPT_MAGIC 20261102
+#define CKPT_VERSION 1
+
+static uint32_t crc32_update(uint32_t crc, const unsigned char* p, size_t n) {
+    static uint32_t table[256];
+    if (!table[1])
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            table[i] = c;
+        }
+    crc = ~crc;
+    for (size_t i = 0; i < n; i++) crc = table[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+
+typedef struct {
+    Config config;
+    int B, T, step, carry, adam_t;
+    unsigned char vocab[256];
+    float *params, *m, *v;   // model_num_params(config) each
+    int64_t data_pos;
+    float *h, *c;            // (L, B, H); c only for LSTM
+    uint64_t rng;
+    Blob blob;               // what the pointers point into, after checkpoint_load
+} Checkpoint;
+
+// writes all of a piece or fails; the stream remembers the running CRC
+typedef struct { FILE* f; uint32_t crc; int failed; } Writer;
+static void writer_put(Writer* w, const void* p, size_t n) {
+    if (w->failed || n == 0) return;
+    if (fwrite(p, 1, n, w->f) != n) { w->failed = 1; return; }
+    w->crc = crc32_update(w->crc, (const unsigned char*)p, n);
+}
+
+static int fsync_dir_of(const char* path) {
+    char dir[4096];
+    snprintf(dir, sizeof(dir), "%s", path);
+    char* slash = strrchr(dir, '/');
+    if (slash) *slash = 0; else snprintf(dir, sizeof(dir), ".");
+    int fd = open(dir, O_RDONLY);
+    if (fd < 0) return 0;   // best effort: some file systems do not allow opening a directory
+    fsync(fd);
+    close(fd);
+    return 0;
+}
+
+// the generic atomic write: fill NAME.tmp through fn, fsync, rename over NAME
+static int write_atomically(const char* path, void (*fn)(Writer*, const void*), const void* arg) {
+    char tmp[4096];
+    if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp)) return fail("%s: path too long", path);
+    Writer w = { fopen(tmp, "wb"), 0, 0 };
+    if (!w.f) return fail("%s: cannot write: %s", tmp, strerror(errno));
+    fn(&w, arg);
+    int ok = !w.failed && fflush(w.f) == 0 && fsync(fileno(w.f)) == 0;
+    int err = errno;
+    ok = (fclose(w.f) == 0) && ok;
+    if (!ok) { unlink(tmp); return fail("%s: write failed: %s", tmp, strerror(err ? err : EIO)); }
+    if (rename(tmp, path) != 0) { err = errno; unlink(tmp); return fail("%s: rename failed: %s", path, strerror(err)); }
+    return fsync_dir_of(path);
+}
+
+static void checkpoint_write_fn(Writer* w, const void* arg) {
+    const Checkpoint* k = (const Checkpoint*)arg;
+    int32_t header[64] = { 0 };
+    header[0] = CKPT_MAGIC; header[1] = CKPT_VERSION;
+    header[2] = k->config.cell; header[3] = k->config.vocab_size; header[4] = k->config.embed_size;
+    header[5] = k->config.hidden_size; header[6] = k->config.n_layers;
+    header[7] = k->B; header[8] = k->T; header[9] = k->step; header[10] = k->carry; header[11] = k->adam_t;
+    size_t P = model_num_params(k->config), lbh = (size_t)k->config.n_layers * k->B * k->config.hidden_size;
+    writer_put(w, header, sizeof(header));
+    writer_put(w, k->vocab, 256);
+    writer_put(w, k->params, P * 4);
+    writer_put(w, k->m, P * 4);
+    writer_put(w, k->v, P * 4);
+    writer_put(w, &k->data_pos, 8);
+    writer_put(w, k->h, lbh * 4);
+    if (k->config.cell == CELL_LSTM) writer_put(w, k->c, lbh * 4);
+    writer_put(w, &k->rng, 8);
+    uint32_t crc = w->crc;
+    writer_put(w, &crc, 4);
+}
+
+int checkpoint_save(const Checkpoint* k, const char* path) { return write_atomically(path, checkpoint_write_fn, k); }
+
+static int checkpoint_parse(Checkpoint* k, const char* path) {
+    Blob* b = &k->blob;
+    if (b->size < 4) return fail("%s: truncated checkpoint (%zu bytes)", path, b->size);
+    uint32_t stored;
+    memcpy(&stored, b->data + b->size - 4, 4);
+    const int32_t* h = (const int32_t*)blob_take(b, 64 * 4, "header");
+    if (!h) return -1;
+    if (h[0] != CKPT_MAGIC) return fail("%s: not a pyrnn checkpoint (bad magic)", path);
+    if (h[1] != CKPT_VERSION) return fail("%s: checkpoint version %d, this build reads version %d", path, h[1], CKPT_VERSION);
+    if (crc32_update(0, b->data, b->size - 4) != stored) return fail("%s: checksum mismatch (corrupted or truncated checkpoint)", path);
+    if (config_from_header(&k->config, h + 2, path)) return -1;
+    k->B = h[7]; k->T = h[8]; k->step = h[9]; k->carry = h[10]; k->adam_t = h[11];
+    if (k->B < 0 || k->T < 0 || k->step < 0 || k->adam_t < 0) return fail("%s: bad B, T or step in header", path);
+    size_t P = model_num_params(k->config), lbh = 0;
+    int dims[] = { k->config.n_layers, k->B, k->config.hidden_size };
+    if (checked_count(&lbh, dims, 3, path)) return -1;
+    const void* p;
+    if (!(p = blob_take(b, 256, "vocabulary"))) return -1;
+    memcpy(k->vocab, p, 256);
+    if (!(k->params = (float*)blob_take(b, P * 4, "params"))) return -1;
+    if (!(k->m = (float*)blob_take(b, P * 4, "AdamW m"))) return -1;
+    if (!(k->v = (float*)blob_take(b, P * 4, "AdamW v"))) return -1;
+    if (!(p = blob_take(b, 8, "data position"))) return -1;
+    memcpy(&k->data_pos, p, 8);
+    if (!(k->h = (float*)blob_take(b, lbh * 4, "hidden state"))) return -1;
+    k->c = NULL;
+    if (k->config.cell == CELL_LSTM && !(k->c = (float*)blob_take(b, lbh * 4, "cell state"))) return -1;
+    if (!(p = blob_take(b, 8, "rng state"))) return -1;
+    memcpy(&k->rng, p, 8);
+    if (!blob_take(b, 4, "checksum")) return -1;
+    if (blob_done(b)) return -1;
+    if (k->data_pos < 0) return fail("%s: negative data position", path);
+    return 0;
+}
+
+int checkpoint_load(Checkpoint* k, const char* path) {
+    memset(k, 0, sizeof(*k));
+    if (blob_load(&k->blob, path)) return -1;
+    if (checkpoint_parse(k, path)) { blob_free(&k->blob); return -1; }
+    return 0;
+}
+
+void checkpoint_free(Checkpoint* k) { blob_free(&k->blob); }
+
+// `latest` is a one-line text file naming the newest complete checkpoint, replaced atomically
+static void latest_write_fn(Writer* w, const void* arg) {
+    const char* name = (const char*)arg;
+    writer_put(w, name, strlen(name));
+    writer_put(w, "\n", 1);
+}
+
+static int resolve_latest(char* out, size_t out_size, const char* out_dir) {
+    char path[4096], name[1024];
+    snprintf(path, sizeof(path), "%s/latest", out_dir);
+    FILE* f = fopen(path, "r");
+    if (!f) return fail("%s: no checkpoint to resume from: %s", path, strerror(errno));
+    int ok = fgets(name, sizeof(name), f) != NULL;
+    fclose(f);
+    name[strcspn(name, "\r\n")] = 0;
+    if (!ok || !name[0] || strchr(name, '/')) return fail("%s: does not name a checkpoint", path);
+    snprintf(out, out_size, "%s/%s", out_dir, name);
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// backends: the training driver below runs any model that fills this table (the CPU model here,
+// the cuDNN one in cuda/train_rnn.cu)
+
+typedef struct { float lr, beta1, beta2, eps, weight_decay, max_grad_norm; } StepParams;
+
+typedef struct {
+    const char* name;
+    void* (*create)(Config c, int B, int T, float dropout, uint64_t seed);
+    void (*destroy)(void* self);
+    // flat parameters (torch order) and AdamW state to / from host buffers; m, v may be NULL
+    int (*set_params)(void* self, const float* params, const float* m, const float* v, int adam_t, uint64_t rng);
+    int (*get_params)(void* self, float* params, float* m, float* v, int* adam_t, uint64_t* rng);
+    // the carried hidden state (L, B, H) lives in the backend; NULL means zeros
+    int (*set_state)(void* self, const float* h, const float* c);
+    int (*get_state)(void* self, float* h, float* c);
+    // forward from the carried state, backward, clip, AdamW (skipped when the gradient is not
+    // finite); the final state becomes the carried state
+    int (*train_step)(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets, const StepParams* sp);
+    // forward only, no dropout, from host state h, c, which it overwrites with the final state
+    int (*eval_step)(void* self, float* loss, const int* inputs, const int* targets, float* h, float* c);
+} Backend;
+
+typedef struct { Model* m; float *h, *c; int B, T; } CpuRun;
+
+static void cpu_destroy(void* self) {
+    CpuRun* r = (CpuRun*)self;
+    if (!r) return;
+    model_free(r->m); free(r->h); free(r->c); free(r);
+}
+
+static void* cpu_create(Config c, int B, int T, float dropout, uint64_t seed) {
+    CpuRun* r = (CpuRun*)calloc(1, sizeof(CpuRun));
+    if (!r) { fail("out of memory"); return NULL; }
+    size_t lbh = (size_t)c.n_layers * B * c.hidden_size;
+    r->m = model_new(c);
+    r->h = (float*)alloc_floats(lbh);
+    r->c = (float*)alloc_floats(lbh);
+    r->B = B; r->T = T;
+    if (!r->m || !r->h || !r->c) { if (r->m) fail("out of memory"); cpu_destroy(r); return NULL; }
+    model_set_training(r->m, 1, dropout);
+    r->m->rng = seed;
+    return r;
+}
+
+static int cpu_set_params(void* self, const float* params, const float* m, const float* v, int adam_t, uint64_t rng) {
+    Model* md = ((CpuRun*)self)->m;
+    size_t n = md->num_params * sizeof(float);
+    memcpy(md->params, params, n);
+    if (!md->m) {
+        md->m = (float*)alloc_floats(md->num_params);
+        md->v = (float*)alloc_floats(md->num_params);
+        if (!md->m || !md->v) return fail("out of memory for AdamW state");
+    }
+    if (m) memcpy(md->m, m, n); else memset(md->m, 0, n);
+    if (v) memcpy(md->v, v, n); else memset(md->v, 0, n);
+    md->adam_t = adam_t;
+    md->rng = rng;
+    return 0;
+}
+
+static int cpu_get_params(void* self, float* params, float* m, float* v, int* adam_t, uint64_t* rng) {
+    Model* md = ((CpuRun*)self)->m;
+    size_t n = md->num_params * sizeof(float);
+    if (params) memcpy(params, md->params, n);
+    if (m) { if (md->m) memcpy(m, md->m, n); else memset(m, 0, n); }
+    if (v) { if (md->v) memcpy(v, md->v, n); else memset(v, 0, n); }
+    if (adam_t) *adam_t = md->adam_t;
+    if (rng) *rng = md->rng;
+    return 0;
+}
+
+static int cpu_set_state(void* self, const float* h, const float* c) {
+    CpuRun* r = (CpuRun*)self;
+    size_t n = (size_t)r->m->config.n_layers * r->B * r->m->config.hidden_size * sizeof(float);
+    if (h) memcpy(r->h, h, n); else memset(r->h, 0, n);
+    if (c) memcpy(r->c, c, n); else memset(r->c, 0, n);
+    return 0;
+}
+
+static int cpu_get_state(void* self, float* h, float* c) {
+    CpuRun* r = (CpuRun*)self;
+    size_t n = (size_t)r->m->config.n_layers * r->B * r->m->config.hidden_size * sizeof(float);
+    if (h) memcpy(h, r->h, n);
+    if (c) memcpy(c, r->c, n);
+    return 0;
+}
+
+static int cpu_train_step(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets, const StepParams* sp) {
+    CpuRun* r = (CpuRun*)self;
+    Model* m = r->m;
+    if (model_forward(m, inputs, targets, r->h, r->c, r->B, r->T)) return -1;
+    *loss = m->loss;
+    model_zero_grad(m);
+    if (model_backward(m)) return -1;
+    if (model_step(m, sp->lr, sp->beta1, sp->beta2, sp->eps, sp->weight_decay, sp->max_grad_norm, grad_norm)) return -1;
+    return cpu_set_state(self, m->h_n, m->c_n);
+}
+
+static int cpu_eval_step(void* self, float* loss, const int* inputs, const int* targets, float* h, float* c) {
+    CpuRun* r = (CpuRun*)self;
+    Model* m = r->m;
+    model_set_training(m, 0, m->dropout);
+    int status = model_forward(m, inputs, targets, h, c, r->B, r->T);
+    model_set_training(m, 1, m->dropout);
+    if (status) return -1;
+    *loss = m->loss;
+    size_t n = (size_t)m->config.n_layers * r->B * m->config.hidden_size * sizeof(float);
+    memcpy(h, m->h_n, n);
+    if (c && m->config.cell == CELL_LSTM) memcpy(c, m->c_n, n);
+    return 0;
+}
+
+static const Backend cpu_backend = {
+    "cpu", cpu_create, cpu_destroy, cpu_set_params, cpu_get_params, cpu_set_state, cpu_get_state,
+    cpu_train_step, cpu_eval_step,
+};
+
+// ----------------------------------------------------------------------------
+// the training driver: flags, data, carried state, logging, eval, sampling, checkpoints
+
+typedef struct {
+    const char *train_path, *val_path, *out_dir, *resume, *cell_name, *nonfinite;
+    int n_layers, embed_size, hidden_size, B, T, max_steps, eval_every, sample_every, ckpt_every;
+    int warmup, threads, carry, sample_len, top_k;
+    float lr, weight_decay, grad_clip, final_lr_frac, dropout, temperature;
+    long long seed;
+} TrainArgs;
+
+typedef struct { char flag; char kind; void* dst; const char* help; int given; } Flag;
+
+static void print_usage(const char* prog, const Flag* flags, int n) {
+    printf("usage: %s [flags]   (every flag takes a value)\n", prog);
+    for (int i = 0; i < n; i++) {
+        const Flag* f = &flags[i];
+        char def[256];
+        switch (f->kind) {
+        case 'i': snprintf(def, sizeof(def), "%d", *(int*)f->dst); break;
+        case 'f': snprintf(def, sizeof(def), "%g", *(float*)f->dst); break;
+        case 'l': snprintf(def, sizeof(def), "%lld", *(long long*)f->dst); break;
+        default: snprintf(def, sizeof(def), "%s", *(const char**)f->dst ? *(const char**)f->dst : ""); break;
+        }
+        printf("  -%c  %-52s (default: %s)\n", f->flag, f->help, def);
+    }
+}
+
+// fills flags from argv; returns 0, 1 after -h, or -1 with a one-line message
+static int parse_flags(Flag* flags, int n, int argc, char** argv) {
+    for (int i = 1; i < argc; i++) {
+        const char* a = argv[i];
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) { print_usage(argv[0], flags, n); return 1; }
+        if (a[0] != '-' || !a[1] || a[2]) return fail("unexpected argument '%s' (flags are a dash and one letter; -h lists them)", a);
+        Flag* f = NULL;
+        for (int k = 0; k < n; k++) if (flags[k].flag == a[1]) f = &flags[k];
+        if (!f) return fail("unknown flag %s (-h lists them)", a);
+        if (i + 1 >= argc) return fail("flag %s needs a value", a);
+        const char* v = argv[++i];
+        char* end = NULL;
+        errno = 0;
+        if (f->kind == 'i') {
+            long x = strtol(v, &end, 10);
+            if (!*v || *end || errno || x < -2147483647L || x > 2147483647L) return fail("flag %s needs an integer, got '%s'", a, v);
+            *(int*)f->dst = (int)x;
+        } else if (f->kind == 'l') {
+            long long x = strtoll(v, &end, 10);
+            if (!*v || *end || errno) return fail("flag %s needs an integer, got '%s'", a, v);
+            *(long long*)f->dst = x;
+        } else if (f->kind == 'f') {
+            float x = strtof(v, &end);
+            if (!*v || *end || errno || !isfinite(x)) return fail("flag %s needs a number, got '%s'", a, v);
+            *(float*)f->dst = x;
+        } else {
+            *(const char**)f->dst = v;
+        }
+        f->given = 1;
+    }
+    return 0;
+}
+
+static int cell_from_name(const char* name) {
+    for (int i = 0; i < 4; i++) if (strcmp(name, cell_names[i]) == 0) return i;
+    return -1;
+}
+
+static int check_args(const TrainArgs* a) {
+    if (cell_from_name(a->cell_name) < 0) return fail("-c: unknown cell '%s' (expected rnn, rnn_relu, lstm or gru)", a->cell_name);
+    struct { int v; const char* what; } positive[] = {
+        { a->n_layers, "-L layers" }, { a->embed_size, "-E embedding size" }, { a->hidden_size, "-H hidden size" },
+        { a->B, "-b batch size" }, { a->T, "-t sequence length" },
+    };
+    for (size_t i = 0; i < sizeof(positive) / sizeof(positive[0]); i++)
+        if (positive[i].v <= 0) return fail("%s must be positive, got %d", positive[i].what, positive[i].v);
+    if (a->n_layers > 64 || a->embed_size > 65536 || a->hidden_size > 65536) return fail("-L, -E or -H is too large");
+    if ((long long)a->B * a->T > (1LL << 30)) return fail("-b x -t is too large");
+    if (a->max_steps < 0) return fail("-n max steps must be >= 0, got %d", a->max_steps);
+    if (!(a->lr > 0.0f)) return fail("-l learning rate must be positive, got %g", a->lr);
+    if (a->weight_decay < 0.0f) return fail("-w weight decay must be >= 0, got %g", a->weight_decay);
+    if (a->grad_clip < 0.0f) return fail("-g grad clip must be >= 0 (0 = off), got %g", a->grad_clip);
+    if (a->dropout < 0.0f || a->dropout >= 1.0f) return fail("-p dropout must be in [0, 1), got %g", a->dropout);
+    if (a->final_lr_frac < 0.0f || a->final_lr_frac > 1.0f) return fail("-q final lr fraction must be in [0, 1], got %g", a->final_lr_frac);
+    if (a->eval_every < 0 || a->sample_every < 0 || a->ckpt_every < 0 || a->warmup < 0 || a->threads < 0 ||
+        a->sample_len < 0 || a->top_k < 0)
+        return fail("-v, -s, -k, -u, -P, -m and -K must be >= 0");
+    if (a->carry != 0 && a->carry != 1) return fail("-C must be 0 or 1, got %d", a->carry);
+    if (strcmp(a->nonfinite, "stop") != 0 && strcmp(a->nonfinite, "skip") != 0)
+        return fail("-N must be stop or skip, got '%s'", a->nonfinite);
+    return 0;
+}
+
+// linear warmup, then cosine decay to final_lr_frac * lr (constant when the fraction is 1)
+static float lr_at(const TrainArgs* a, int step) {
+    if (step < a->warmup) return a->lr * (float)(step + 1) / (float)a->warmup;
+    if (a->final_lr_frac >= 1.0f || a->max_steps <= a->warmup) return a->lr;
+    float progress = (float)(step - a->warmup) / (float)(a->max_steps - a->warmup);
+    float min_lr = a->lr * a->final_lr_frac;
+    return min_lr + 0.5f * (a->lr - min_lr) * (1.0f + cosf(3.14159265f * progress));
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+// mean loss over every batch of the val split, state carried from zeros like training
+static int evaluate(float* val_loss, const Backend* be, void* run, const TokenFile* val, int B, int T, int* inputs,
+                    int* targets, float* h, float* c, size_t lbh) {
+    DataLoader d;
+    if (loader_init(&d, val, B, T, "val")) return -1;
+    memset(h, 0, lbh * sizeof(float));
+    memset(c, 0, lbh * sizeof(float));
+    double total = 0.0;
+    for (long k = 0; k < d.n_batches; k++) {
+        float loss;
+        loader_next(&d, inputs, targets);
+        if (be->eval_step(run, &loss, inputs, targets, h, c)) return -1;
+        total += loss;
+    }
+    *val_loss = (float)(total / (double)d.n_batches);
+    return 0;
+}
+
+static void print_sample(Model* sampler, const float* params, const unsigned char* vocab, int n, float temperature,
+                         int top_k, uint64_t seed) {
+    if (n <= 0) return;
+    memcpy(sampler->params, params, sampler->num_params * sizeof(float));
+    int prime = 0;   // a newline when the vocabulary has one, so samples start at a line
+    for (int v = 0; v < sampler->config.vocab_size; v++) if (vocab[v] == '\n') prime = v;
+    int* out = (int*)malloc(n * sizeof(int));
+    if (!out) return;
+    if (model_sample(sampler, out, &prime, 1, n, temperature, top_k, seed) == 0) {
+        printf("---- sample ----\n");
+        for (int i = 0; i < n; i++) putchar(vocab[out[i]]);
+        printf("\n----------------\n");
+    }
+    free(out);
+}
+
+typedef struct {
+    const char* out_dir;
+    char previous[2][64];   // the two newest checkpoint names this run wrote; older ones are removed
+} CkptKeeper;
+
+static int save_checkpoint(CkptKeeper* keeper, Checkpoint* k) {
+    char name[64], path[4096], latest[4096];
+    snprintf(name, sizeof(name), "ckpt_%08d.bin", k->step);
+    snprintf(path, sizeof(path), "%s/%s", keeper->out_dir, name);
+    snprintf(latest, sizeof(latest), "%s/latest", keeper->out_dir);
+    if (checkpoint_save(k, path)) return -1;
+    if (write_atomically(latest, latest_write_fn, name)) return -1;
+    if (keeper->previous[1][0] && strcmp(keeper->previous[1], name) != 0) {
+        snprintf(path, sizeof(path), "%s/%s", keeper->out_dir, keeper->previous[1]);
+        unlink(path);
+    }
+    memcpy(keeper->previous[1], keeper->previous[0], sizeof(keeper->previous[0]));
+    snprintf(keeper->previous[0], sizeof(keeper->previous[0]), "%s", name);
+    return 0;
+}
+
+#define TRY(x) do { if ((x) != 0) goto error; } while (0)
+
+int train_main(int argc, char** argv, const Backend* be) {
+    TrainArgs a = {
+        "data/tinyshakespeare/train.bin", "data/tinyshakespeare/val.bin", "out", "", "lstm", "stop",
+        2, 128, 256, 32, 64, 2000, 200, 500, 0,
+        0, 0, 1, 200, 0,
+        2e-3f, 0.01f, 1.0f, 1.0f, 0.0f, 1.0f,
+        1337,
+    };
+    Flag flags[] = {
+        { 'i', 's', &a.train_path, "train token file", 0 },
+        { 'j', 's', &a.val_path, "val token file ('' = none)", 0 },
+        { 'o', 's', &a.out_dir, "output directory (log.jsonl, checkpoints)", 0 },
+        { 'c', 's', &a.cell_name, "cell: rnn, rnn_relu, lstm, gru", 0 },
+        { 'L', 'i', &a.n_layers, "layers", 0 },
+        { 'E', 'i', &a.embed_size, "embedding size", 0 },
+        { 'H', 'i', &a.hidden_size, "hidden size", 0 },
+        { 'b', 'i', &a.B, "batch size (number of streams)", 0 },
+        { 't', 'i', &a.T, "BPTT length", 0 },
+        { 'n', 'i', &a.max_steps, "max steps (total, counting resumed ones)", 0 },
+        { 'l', 'f', &a.lr, "learning rate (AdamW, betas 0.9 0.999, eps 1e-8)", 0 },
+        { 'w', 'f', &a.weight_decay, "weight decay (all parameters)", 0 },
+        { 'g', 'f', &a.grad_clip, "global grad-norm clip (0 = off)", 0 },
+        { 'u', 'i', &a.warmup, "linear warmup steps", 0 },
+        { 'q', 'f', &a.final_lr_frac, "cosine decay to this fraction of -l (1 = constant)", 0 },
+        { 'p', 'f', &a.dropout, "dropout between layers and before the head", 0 },
+        { 'C', 'i', &a.carry, "carry hidden state across batches (0 = independent windows)", 0 },
+        { 'v', 'i', &a.eval_every, "eval every N steps over the whole val split (0 = end only)", 0 },
+        { 's', 'i', &a.sample_every, "sample every N steps (0 = end only)", 0 },
+        { 'm', 'i', &a.sample_len, "sample length in characters", 0 },
+        { 'e', 'f', &a.temperature, "sample temperature", 0 },
+        { 'K', 'i', &a.top_k, "sample top-k (0 = all)", 0 },
+        { 'k', 'i', &a.ckpt_every, "checkpoint every N steps (0 = end only)", 0 },
+        { 'r', 's', &a.resume, "resume from a checkpoint file, or 'latest' in -o", 0 },
+        { 'N', 's', &a.nonfinite, "on a NaN/Inf loss or gradient: stop or skip the step", 0 },
+        { 'S', 'l', &a.seed, "seed", 0 },
+        { 'P', 'i', &a.threads, "threads (0 = all cores)", 0 },
+    };
+    int n_flags = sizeof(flags) / sizeof(flags[0]);
+    int status = parse_flags(flags, n_flags, argc, argv);
+    if (status) { if (status < 0) fprintf(stderr, "error: %s\n", pyrnn_last_error()); return status < 0 ? 2 : 0; }
+    if (check_args(&a)) { fprintf(stderr, "error: %s\n", pyrnn_last_error()); return 2; }
+
+    TokenFile train = { 0 }, val = { 0 };
+    Checkpoint ck = { 0 };
+    void* run = NULL;
+    Model* sampler = NULL;
+    FILE* log = NULL;
+    float *params = NULL, *m = NULL, *v = NULL, *h = NULL, *c = NULL;
+    int *inputs = NULL, *targets = NULL;
+    int exit_code = 1, have_val = a.val_path[0] != 0;
+    char path[4096];
+    if (a.threads > 0) omp_set_num_threads(a.threads);
+
+    TRY(tokens_load(&train, a.train_path));
+    if (have_val) {
+        TRY(tokens_load(&val, a.val_path));
+        if (val.vocab_size != train.vocab_size || memcmp(val.vocab, train.vocab, 256) != 0)
+            { fail("%s and %s have different vocabularies", a.train_path, a.val_path); goto error; }
+    }
+    Config cfg = { cell_from_name(a.cell_name), train.vocab_size, a.embed_size, a.hidden_size, a.n_layers };
+    int start_step = 0;
+    if (a.resume[0]) {
+        const char* ck_path = a.resume;
+        if (strcmp(a.resume, "latest") == 0) { TRY(resolve_latest(path, sizeof(path), a.out_dir)); ck_path = path; }
+        TRY(checkpoint_load(&ck, ck_path));
+        Config k = ck.config;
+        // flags given explicitly must agree with the checkpoint; the rest come from it
+        if ((flags[3].given && k.cell != cfg.cell) || (flags[4].given && k.n_layers != cfg.n_layers) ||
+            (flags[5].given && k.embed_size != cfg.embed_size) || (flags[6].given && k.hidden_size != cfg.hidden_size)) {
+            fail("%s holds a %s model with L=%d E=%d H=%d, which does not match the flags given", ck_path,
+                 cell_names[k.cell], k.n_layers, k.embed_size, k.hidden_size);
+            goto error;
+        }
+        if (k.vocab_size != train.vocab_size || memcmp(ck.vocab, train.vocab, 256) != 0) {
+            fail("%s was trained on a vocabulary of %d symbols that differs from %s (%d)", ck_path, k.vocab_size,
+                 a.train_path, train.vocab_size);
+            goto error;
+        }
+        if (ck.B > 0 && (ck.B != a.B || ck.T != a.T)) {
+            if (flags[7].given || flags[8].given) {
+                fail("%s was trained with -b %d -t %d; resuming needs the same stream layout", ck_path, ck.B, ck.T);
+                goto error;
+            }
+            a.B = ck.B; a.T = ck.T;
+        }
+        cfg = k;
+        start_step = ck.step;
+        printf("resuming from %s at step %d\n", ck_path, ck.step);
+    }
+
+    DataLoader loader;
+    TRY(loader_init(&loader, &train, a.B, a.T, "train"));
+    if (have_val) { DataLoader probe; TRY(loader_init(&probe, &val, a.B, a.T, "val")); }
+    if (mkdir(a.out_dir, 0755) != 0 && errno != EEXIST) { fail("-o %s: cannot create: %s", a.out_dir, strerror(errno)); goto error; }
+    snprintf(path, sizeof(path), "%s/log.jsonl", a.out_dir);
+    log = fopen(path, a.resume[0] ? "a" : "w");
+    if (!log) { fail("-o %s: cannot write %s: %s", a.out_dir, path, strerror(errno)); goto error; }
+
+    size_t P = model_num_params(cfg), lbh = (size_t)cfg.n_layers * a.B * cfg.hidden_size, bt = (size_t)a.B * a.T;
+    params = (float*)alloc_floats(P); m = (float*)alloc_floats(P); v = (float*)alloc_floats(P);
+    h = (float*)alloc_floats(lbh); c = (float*)alloc_floats(lbh);
+    inputs = (int*)malloc(bt * sizeof(int)); targets = (int*)malloc(bt * sizeof(int));
+    sampler = model_new(cfg);
+    if (!params || !m || !v || !h || !c || !inputs || !targets || !sampler) { fail("out of memory"); goto error; }
+    run = be->create(cfg, a.B, a.T, a.dropout, (uint64_t)a.seed);
+    if (!run) goto error;
+    if (a.resume[0]) {
+        TRY(be->set_params(run, ck.params, ck.m, ck.v, ck.adam_t, ck.rng));
+        if (ck.B == a.B && ck.T == a.T && a.carry) {
+            TRY(be->set_state(run, ck.h, ck.c));
+            loader.pos = (long)(ck.data_pos % loader.n_batches);
+        } else {
+            TRY(be->set_state(run, NULL, NULL));
+        }
+    } else {
+        // one init for every backend: the host model draws the weights from the seed
+        model_init(sampler, (uint64_t)a.seed);
+        TRY(be->set_params(run, sampler->params, NULL, NULL, 0, sampler->rng));
+        TRY(be->set_state(run, NULL, NULL));
+    }
+
+    printf("pyrnn %s | %s L=%d E=%d H=%d V=%d | %.2fM params | B=%d T=%d | lr %g wd %g clip %g | threads %d\n",
+           be->name, cell_names[cfg.cell], cfg.n_layers, cfg.embed_size, cfg.hidden_size, cfg.vocab_size, P / 1e6,
+           a.B, a.T, a.lr, a.weight_decay, a.grad_clip, omp_get_max_threads());
+    printf("train %zu tokens (%ld batches per pass), val %zu tokens\n", train.n_tokens, loader.n_batches, val.n_tokens);
+
+    CkptKeeper keeper;
+    memset(&keeper, 0, sizeof(keeper));
+    keeper.out_dir = a.out_dir;
+    StepParams sp = { a.lr, 0.9f, 0.999f, 1e-8f, a.weight_decay, a.grad_clip };
+    int skip = strcmp(a.nonfinite, "skip") == 0;
+    float val_loss = NAN;
+    for (int step = start_step; step < a.max_steps; step++) {
+        sp.lr = lr_at(&a, step);
+        int wrapped = loader_next(&loader, inputs, targets);
+        if (!a.carry || wrapped) TRY(be->set_state(run, NULL, NULL));   // a new pass does not continue the last one
+        float loss = 0.0f, norm = 0.0f;
+        double t0 = now_ms();
+        TRY(be->train_step(run, &loss, &norm, inputs, targets, &sp));
+        double ms = now_ms() - t0;
+        if (!isfinite(loss) || !isfinite(norm)) {
+            if (!skip) {
+                fail("step %d: the %s is %s; stopping (the last checkpoint in %s is intact; -N skip skips such steps)",
+                     step + 1, isfinite(loss) ? "gradient norm" : "loss", isnan(isfinite(loss) ? norm : loss) ? "NaN" : "Inf",
+                     a.out_dir);
+                goto error;
+            }
+            printf("step %d: non-finite %s, update skipped and state reset\n", step + 1, isfinite(loss) ? "gradient" : "loss");
+            TRY(be->set_state(run, NULL, NULL));
+            continue;
+        }
+        printf("step %5d/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s\n", step + 1, a.max_steps, loss,
+               norm, sp.lr, ms, bt / (ms / 1e3));
+        fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"grad_norm\": %.6f, \"lr\": %.6g, \"ms\": %.3f, \"tok_s\": %.1f}\n",
+                step + 1, loss, norm, sp.lr, ms, bt / (ms / 1e3));
+        int last = step + 1 == a.max_steps;
+        if (have_val && ((a.eval_every && (step + 1) % a.eval_every == 0) || last)) {
+            TRY(evaluate(&val_loss, be, run, &val, a.B, a.T, inputs, targets, h, c, lbh));
+            printf("step %5d | val loss %.4f\n", step + 1, val_loss);
+            fprintf(log, "{\"step\": %d, \"val_loss\": %.6f}\n", step + 1, val_loss);
+        }
+        fflush(log);
+        if ((a.sample_every && (step + 1) % a.sample_every == 0) || last) {
+            TRY(be->get_params(run, params, NULL, NULL, NULL, NULL));
+            print_sample(sampler, params, train.vocab, a.sample_len, a.temperature, a.top_k, (uint64_t)a.seed + step);
+        }
+        if ((a.ckpt_every && (step + 1) % a.ckpt_every == 0) || last) {
+            Checkpoint k;
+            memset(&k, 0, sizeof(k));
+            TRY(be->get_params(run, params, m, v, &k.adam_t, &k.rng));
+            TRY(be->get_state(run, h, c));
+            k.config = cfg; k.B = a.B; k.T = a.T; k.step = step + 1; k.carry = a.carry;
+            memcpy(k.vocab, train.vocab, 256);
+            k.params = params; k.m = m; k.v = v; k.h = h; k.c = c;
+            k.data_pos = loader.pos;
+            TRY(save_checkpoint(&keeper, &k));
+            printf("saved %s/%s\n", a.out_dir, keeper.previous[0]);
+        }
+    }
+    if (start_step >= a.max_steps) printf("checkpoint is at step %d, -n is %d: nothing to train\n", start_step, a.max_steps);
+    if (isfinite(val_loss)) printf("final val loss %.4f\n", val_loss);
+    exit_code = 0;
+    goto done;
+error:
+    fprintf(stderr, "error: %s\n", pyrnn_last_error());
+done:
+    if (run) be->destroy(run);
+    if (log) fclose(log);
+    model_free(sampler);
+    free(params); free(m); free(v); free(h); free(c); free(inputs); free(targets);
+    tokens_free(&train); tokens_free(&val); checkpoint_free(&ck);
+    return exit_code;
+}
+
+#ifndef PYRNN_NO_MAIN
+int main(int argc, char** argv) { return train_main(argc, argv, &cpu_backend); }
+#endif
