@@ -12,7 +12,7 @@ C_SRC = c/train_rnn.c
 DATA_DIR ?= data/tinyshakespeare
 OUT_DIR ?= out/train
 
-.PHONY: all lib deps install train test test_c refs clean
+.PHONY: all lib deps install train bench test test_c refs clean
 
 all: train_cpu test_cpu lib
 
@@ -34,6 +34,19 @@ deps:
 install: deps
 	$(PYTHON) -m pip install -q --disable-pip-version-check --no-build-isolation -e .
 
+# the main job: tiny-shakespeare (downloaded and hash-checked, or TINYSHAKESPEARE=/path/to/input.txt),
+# a 2-layer LSTM for about 3 minutes on 2 cores, then the val loss and a sample
+TINYSHAKESPEARE ?= $(PYRNN_TINYSHAKESPEARE)
+TRAIN_FLAGS ?= -c lstm -L 2 -E 128 -H 256 -b 32 -t 64 -l 2e-3 -n 2500 -v 500 -s 0 -m 500 -e 0.8
+$(DATA_DIR)/train.bin:
+	$(PYTHON) -m pip install -q --disable-pip-version-check numpy
+	$(PYTHON) -m pyrnn prepare --dataset tinyshakespeare $(if $(TINYSHAKESPEARE),--input $(TINYSHAKESPEARE)) --out-dir $(DATA_DIR)
+train: train_cpu $(DATA_DIR)/train.bin
+	./train_cpu -i $(DATA_DIR)/train.bin -j $(DATA_DIR)/val.bin -o $(OUT_DIR) $(TRAIN_FLAGS)
+
+bench: install
+	$(PYTHON) -m pyrnn bench --out bench.json
+
 # reference files from the oracle, checked by the C harness
 refs:
 	@mkdir -p ref
@@ -46,3 +59,259 @@ test: install train_cpu test_c
 
 clean:
 	rm -rf train_cpu test_cpu lib ref build *.egg-info pyrnn/_crnn*.so pyrnn/_crnn*.c pyrnn/_crnn*.o
+
+# ---- GPU ----
+# cuda/: the cuDNN trainer (./train_gpu), its compare-outputs harness (./test_gpu) and the library
+# behind pyrnn/_cuda.py (lib/libpyrnn_cuda.so). Without nvcc these targets say so and succeed.
+# cuDNN and cuBLAS come from CUDNN_PATH / CUBLAS_PATH, else the CUDA toolkit or the system, else
+# the pip wheels (`make cuda_deps`), which ship only versioned sonames, hence -l:libX.so.N + rpath.
+CUDA_HOME ?= /usr/local/cuda
+ifeq ($(origin NVCC),undefined)
+NVCC := $(shell command -v nvcc 2>/dev/null || { test -x $(CUDA_HOME)/bin/nvcc && echo $(CUDA_HOME)/bin/nvcc; } || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
+endif
+CXX ?= g++
+gpu_comma := ,
+# the pip wheels' folders; nvidia is a namespace package, so ask for __path__ (evaluated once, on use)
+gpu_py_cudnn = import nvidia.cudnn as m; print(list(m.__path__)[0])
+gpu_py_cublas = import importlib.util as u, os; print(next((p for n in ('nvidia.cu13', 'nvidia.cublas') if u.find_spec(n) for p in u.find_spec(n).submodule_search_locations if os.path.exists(os.path.join(p, 'include', 'cublas_v2.h'))), ''))
+GPU_PIP_CUDNN = $(eval GPU_PIP_CUDNN := $(shell $(PYTHON) -c "$(gpu_py_cudnn)" 2>/dev/null))$(GPU_PIP_CUDNN)
+GPU_PIP_CUBLAS = $(eval GPU_PIP_CUBLAS := $(shell $(PYTHON) -c "$(gpu_py_cublas)" 2>/dev/null))$(GPU_PIP_CUBLAS)
+# root folders (include/ and lib/ or lib64/ below); empty = the compiler's default paths
+gpu_sys_cudnn = $(wildcard /usr/include/cudnn.h /usr/include/x86_64-linux-gnu/cudnn.h)
+CUDNN_ROOT = $(eval CUDNN_ROOT := $(or $(CUDNN_PATH),$(if $(wildcard $(CUDA_HOME)/include/cudnn.h),$(CUDA_HOME)),$(if $(gpu_sys_cudnn),,$(GPU_PIP_CUDNN))))$(CUDNN_ROOT)
+CUBLAS_ROOT = $(eval CUBLAS_ROOT := $(or $(CUBLAS_PATH),$(if $(wildcard $(CUDA_HOME)/include/cublas_v2.h),$(CUDA_HOME)),$(if $(wildcard /usr/include/cublas_v2.h),,$(GPU_PIP_CUBLAS))))$(CUBLAS_ROOT)
+gpu_libdir = $(firstword $(wildcard $(1)/lib64/lib$(2).so* $(1)/lib/lib$(2).so*))
+# -lX when an unversioned libX.so exists, else -l:libX.so.N (what the wheels ship)
+gpu_libflag = $(if $(wildcard $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so),-l$(2),-l:$(notdir $(firstword $(wildcard $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so.[0-9] $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so.[0-9][0-9]))))
+gpu_dep_flags = $(if $(1),-I$(1)/include -L$(dir $(call gpu_libdir,$(1),$(2))) -Xlinker -rpath$(gpu_comma)$(patsubst %/,%,$(dir $(call gpu_libdir,$(1),$(2)))) $(call gpu_libflag,$(1),$(2)),-l$(2))
+GPU_LIBS = $(call gpu_dep_flags,$(CUDNN_ROOT),cudnn) $(call gpu_dep_flags,$(CUBLAS_ROOT),cublas)
+# host side as for the CPU build: OpenMP, -march=native when the host compiler takes them
+gpu_cxx_flag = $(shell echo 'int main(){return 0;}' | $(CXX) $(1) -x c++ - -o /dev/null 2>/dev/null && echo $(gpu_comma)$(1))
+GPU_HOST_FLAGS = $(eval GPU_HOST_FLAGS := -Wall,-Wextra,-Wno-unused-function$(call gpu_cxx_flag,-march=native)$(call gpu_cxx_flag,-fopenmp))$(GPU_HOST_FLAGS)
+GPU_ARCH ?= -gencode arch=compute_90,code=[sm_90,compute_90]
+NVCCFLAGS ?= -O3 -std=c++17 $(GPU_ARCH)
+NVCC_CMD = $(NVCC) $(NVCCFLAGS) -Xcompiler $(GPU_HOST_FLAGS)
+GPU_LDLIBS = $(GPU_LIBS) $(if $(findstring fopenmp,$(GPU_HOST_FLAGS)),-lgomp) -lm
+GPU_SRC = cuda/train_rnn.cu $(C_SRC)
+GPU_REF_CELLS = rnn rnn_relu lstm gru
+
+.PHONY: lib_gpu test_gpu_run refs_gpu cuda_deps gpu_build_check gpu_info clean_gpu
+
+ifeq ($(NVCC),)
+train_gpu test_gpu lib_gpu:
+	@echo "nvcc not found (PATH, CUDA_HOME=$(CUDA_HOME)): skipping $@"
+else
+train_gpu: $(GPU_SRC)
+	@test -n "$(CUDNN_ROOT)$(gpu_sys_cudnn)" || { echo "error: cuDNN not found: make cuda_deps, or set CUDNN_PATH"; exit 1; }
+	$(NVCC_CMD) $< -o $@ $(GPU_LDLIBS)
+test_gpu: cuda/test_rnn.cu c/reference.h $(GPU_SRC)
+	@test -n "$(CUDNN_ROOT)$(gpu_sys_cudnn)" || { echo "error: cuDNN not found: make cuda_deps, or set CUDNN_PATH"; exit 1; }
+	$(NVCC_CMD) $< -o $@ $(GPU_LDLIBS)
+lib_gpu: lib/libpyrnn_cuda.so
+lib/libpyrnn_cuda.so: $(GPU_SRC)
+	@test -n "$(CUDNN_ROOT)$(gpu_sys_cudnn)" || { echo "error: cuDNN not found: make cuda_deps, or set CUDNN_PATH"; exit 1; }
+	@mkdir -p lib
+	$(NVCC_CMD) -Xcompiler -fPIC -shared -DPYRNN_CUDA_LIB $< -o $@ $(GPU_LDLIBS)
+endif
+
+# builds all three when nvcc is here; succeeds (and says so) when it is not
+gpu_build_check:
+ifeq ($(NVCC),)
+	@echo "nvcc not found: skipping GPU targets"
+else
+	$(MAKE) train_gpu test_gpu lib_gpu
+endif
+
+gpu_info:
+	@echo "NVCC=$(NVCC)"; echo "CUDNN_ROOT=$(CUDNN_ROOT)"; echo "CUBLAS_ROOT=$(CUBLAS_ROOT)"
+	@echo "GPU_LDLIBS=$(GPU_LDLIBS)"; echo "NVCC_CMD=$(NVCC_CMD)"
+
+cuda_deps:
+	$(PYTHON) -m pip install -q --disable-pip-version-check nvidia-cudnn-cu13 nvidia-cublas
+
+# larger references than `make refs`: several blocks per kernel, E != H, more params than one reduction pass
+refs_gpu:
+	@mkdir -p ref
+	for c in lstm gru; do $(PYTHON) -m pyrnn.reference --cell $$c --vocab 65 --embed 48 --hidden 96 -B 16 -T 24 --steps 3 --max-grad-norm 0.1 -o ref/ref_big_$$c.bin || exit 1; done
+
+# the harness on every reference, when there is a GPU to run it on
+test_gpu_run: test_gpu
+	@if ! nvidia-smi -L >/dev/null 2>&1; then echo "no GPU (nvidia-smi -L failed): skipping test_gpu_run"; exit 0; fi; \
+	if [ ! -x ./test_gpu ]; then echo "./test_gpu was not built: skipping test_gpu_run"; exit 0; fi; \
+	$(MAKE) refs refs_gpu || exit 1; \
+	for r in $(foreach c,$(GPU_REF_CELLS),ref/ref_$(c).bin) ref/ref_big_lstm.bin ref/ref_big_gru.bin; do \
+		log=ref/test_gpu_$$(basename $$r .bin).log; \
+		./test_gpu $$r > $$log 2>&1 || { cat $$log; exit 1; }; echo "$$r: $$(tail -1 $$log)"; done
+
+clean_gpu:
+	rm -f train_gpu test_gpu lib/libpyrnn_cuda.so
+
+# ---- hardening ----
+# Sanitizers, valgrind and fuzzing of the file readers (docs/hardening.md). Everything builds under
+# build/ and leaves ./train_cpu, ./test_cpu and pyrnn/_crnn*.so alone.
+#   make test_asan   ASan+UBSan builds of test_cpu, train_cpu and the cffi extension; the harness on
+#                    every cell, a train / checkpoint / resume run, the CLI tests on the sanitized
+#                    train_cpu and the pytest suite on the sanitized extension (libasan preloaded)
+#   make valgrind    memcheck on test_cpu (one cell) and a 20-step train_cpu run with save and resume
+#   make fuzz        each libFuzzer target for FUZZ_SECONDS (needs clang); without clang, a gcc+ASan
+#                    driver replays the corpus and random mutations of it instead, and says so
+SAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1
+SAN_WARN = -Wall -Wextra -Wno-unused-function
+SAN_ENV = ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+# CPython never frees everything at exit, so leak checking is off only for the interpreter run
+SAN_PY_ENV = LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+ASAN_DIR = build/asan
+HARD_CELLS = rnn rnn_relu lstm gru
+# the tests that run ./train_cpu (PYRNN_TRAIN_CPU picks another binary)
+CLI_TESTS = tests/test_cli_errors.py tests/test_numerics.py
+# 6000 random bytes over 17 symbols, as train.bin / val.bin in the folder given
+HARD_DATA_PY = import sys, numpy as np; from pyrnn import data; \
+	data.prepare(np.random.default_rng(0).choice(np.frombuffer(b'abcdefghij klmno\n', np.uint8), 6000).tobytes(), sys.argv[1])
+
+.PHONY: test_asan asan_build asan_py valgrind fuzz fuzz_build fuzz_replay fuzz_seeds fuzz_merge clean_hardening
+
+$(ASAN_DIR)/train_cpu: $(C_SRC)
+	@mkdir -p $(@D)
+	$(CC) $(SAN_FLAGS) $(OMP) $(SAN_WARN) $< -o $@ $(LDLIBS)
+$(ASAN_DIR)/test_cpu: c/test_rnn.c c/reference.h $(C_SRC)
+	@mkdir -p $(@D)
+	$(CC) $(SAN_FLAGS) $(OMP) $(SAN_WARN) $< -o $@ $(LDLIBS)
+
+# the cffi extension built with the sanitizers into a package folder of its own, whose .py files
+# are links to pyrnn/*.py; Python imports it from there when run in that folder
+asan_py: $(ASAN_DIR)/py/.built
+$(ASAN_DIR)/py/.built: $(C_SRC) pyrnn/_build.py
+	@mkdir -p $(ASAN_DIR)/py/pyrnn
+	rm -f $(ASAN_DIR)/py/pyrnn/_crnn*
+	CC="$(CC)" CFLAGS="$(SAN_FLAGS)" LDFLAGS="-fsanitize=address,undefined" $(PYTHON) -c \
+		"import sys; sys.path.insert(0, 'pyrnn'); import _build; _build.ffibuilder.compile(tmpdir='$(ASAN_DIR)/py')"
+	@touch $@
+
+asan_build: $(ASAN_DIR)/train_cpu $(ASAN_DIR)/test_cpu asan_py
+
+test_asan: asan_build
+	@echo "== test_asan: compare-outputs harness on every cell"
+	@mkdir -p $(ASAN_DIR)/ref
+	@for c in $(HARD_CELLS); do \
+		for v in "default:" "clipped:--max-grad-norm 0.1 --layers 3 --no-h0"; do \
+			ref=$(ASAN_DIR)/ref/ref_$${c}_$${v%%:*}.bin; \
+			$(PYTHON) -m pyrnn.reference --cell $$c $${v#*:} -o $$ref > /dev/null || exit 1; \
+			$(SAN_ENV) ./$(ASAN_DIR)/test_cpu $$ref > $$ref.log 2>&1 || { cat $$ref.log; exit 1; }; \
+			echo "$$ref: $$(tail -1 $$ref.log)"; \
+		done; done
+	@echo "== test_asan: train, checkpoint, resume (lstm, gru; dropout, eval, top-k sampling)"
+	@d=$(ASAN_DIR)/train; rm -rf $$d; mkdir -p $$d; $(PYTHON) -c "$(HARD_DATA_PY)" $$d/data || exit 1; \
+	for c in lstm gru; do \
+		flags="-i $$d/data/train.bin -j $$d/data/val.bin -o $$d/$$c -v 3 -s 6 -m 20 -K 5 -k 3 -P 2"; \
+		$(SAN_ENV) ./$(ASAN_DIR)/train_cpu $$flags -c $$c -L 2 -E 8 -H 16 -b 4 -t 16 -p 0.1 -n 6 > $$d/$$c.log 2>&1 \
+			|| { cat $$d/$$c.log; exit 1; }; \
+		$(SAN_ENV) ./$(ASAN_DIR)/train_cpu $$flags -r latest -n 10 > $$d/$$c.resume.log 2>&1 \
+			|| { cat $$d/$$c.resume.log; exit 1; }; \
+		grep -q "resuming from $$d/$$c/ckpt_00000006.bin at step 6" $$d/$$c.resume.log && test -f $$d/$$c/ckpt_00000010.bin \
+			|| { echo "resume did not happen as expected"; cat $$d/$$c.resume.log; exit 1; }; \
+		echo "$$c: trained 6 steps, resumed to 10: $$(grep 'final val loss' $$d/$$c.resume.log)"; \
+	done
+	@echo "== test_asan: CLI tests on the sanitized train_cpu"
+	$(SAN_ENV) PYRNN_TRAIN_CPU=$(CURDIR)/$(ASAN_DIR)/train_cpu $(PYTHON) -m pytest -q -p no:cacheprovider $(CLI_TESTS)
+	@echo "== test_asan: pytest suite on the sanitized extension (libasan preloaded)"
+	@for f in pyrnn/*.py; do ln -sf $(CURDIR)/$$f $(ASAN_DIR)/py/pyrnn/; done
+	cd $(ASAN_DIR)/py && $(SAN_PY_ENV) $(PYTHON) -c \
+		"import os, pyrnn._crnn as m; assert os.path.realpath(m.__file__).startswith(os.getcwd()), m.__file__; print('sanitized extension:', m.__file__)"
+	cd $(ASAN_DIR)/py && $(SAN_PY_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider $(CURDIR)/tests \
+		$(foreach t,$(CLI_TESTS) tests/test_kill_resume.py,--ignore=$(CURDIR)/$(t))
+
+# valgrind 3.19 decodes no AVX-512, so this build leaves out -march=native
+VG_DIR = build/valgrind
+VALGRIND ?= valgrind
+VG = $(VALGRIND) -q --error-exitcode=1 --leak-check=full
+$(VG_DIR)/train_cpu: $(C_SRC)
+	@mkdir -p $(@D)
+	$(CC) -O2 -g $(OMP) $(SAN_WARN) $< -o $@ $(LDLIBS)
+$(VG_DIR)/test_cpu: c/test_rnn.c c/reference.h $(C_SRC)
+	@mkdir -p $(@D)
+	$(CC) -O2 -g $(OMP) $(SAN_WARN) $< -o $@ $(LDLIBS)
+
+valgrind: $(VG_DIR)/train_cpu $(VG_DIR)/test_cpu
+	@command -v $(VALGRIND) > /dev/null || { echo "valgrind not found (apt-get install valgrind)"; exit 1; }
+	@d=$(VG_DIR)/run; rm -rf $$d; mkdir -p $$d; \
+	$(PYTHON) -m pyrnn.reference --cell lstm --layers 2 --vocab 5 --embed 3 --hidden 4 -B 2 -T 3 --steps 2 -o $$d/ref.bin > /dev/null || exit 1; \
+	OMP_NUM_THREADS=1 $(VG) ./$(VG_DIR)/test_cpu $$d/ref.bin > $$d/ref.log 2>&1 || { cat $$d/ref.log; exit 1; }; \
+	echo "valgrind test_cpu (lstm): $$(tail -1 $$d/ref.log)"; \
+	$(PYTHON) -c "$(HARD_DATA_PY)" $$d/data || exit 1; \
+	flags="-i $$d/data/train.bin -j $$d/data/val.bin -o $$d/out -v 10 -s 20 -m 10 -k 5 -P 1"; \
+	$(VG) ./$(VG_DIR)/train_cpu $$flags -c lstm -L 1 -E 4 -H 8 -b 2 -t 8 -n 10 > $$d/train.log 2>&1 || { cat $$d/train.log; exit 1; }; \
+	$(VG) ./$(VG_DIR)/train_cpu $$flags -r latest -n 20 > $$d/resume.log 2>&1 || { cat $$d/resume.log; exit 1; }; \
+	grep -q "resuming from $$d/out/ckpt_00000010.bin at step 10" $$d/resume.log && test -f $$d/out/ckpt_00000020.bin \
+		|| { echo "resume did not happen as expected"; cat $$d/resume.log; exit 1; }; \
+	echo "valgrind train_cpu: 10 steps, checkpoint, resume to 20: clean"; \
+	: > $$d/out/latest; \
+	$(VALGRIND) -q --error-exitcode=99 --leak-check=full ./$(VG_DIR)/train_cpu $$flags -r latest -n 30 > $$d/empty.log 2>&1; \
+	test $$? -eq 1 && grep -q "does not name a checkpoint" $$d/empty.log || { cat $$d/empty.log; exit 1; }; \
+	echo "valgrind train_cpu, resume from an empty latest: rejected, clean"
+
+# ---- hardening: fuzzing ----
+# fuzz/fuzz_{tokens,checkpoint,reference}.c are libFuzzer targets; fuzz/corpus/<target>/ holds the
+# seeds (python3 fuzz/make_seeds.py), fuzz/crashes/<target>/ the reproducers of past findings, which
+# every run replays first. New corpus entries go to build/fuzz/corpus/<target>/ (fuzz_merge folds a
+# minimized set back into fuzz/corpus). A long run: make fuzz FUZZ_SECONDS=300
+FUZZ_SECONDS ?= 20
+FUZZ_TARGETS = tokens checkpoint reference
+FUZZ_DIR = build/fuzz
+ifeq ($(origin CLANG),undefined)
+CLANG := $(shell command -v clang 2>/dev/null)
+endif
+FUZZ_CFLAGS = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	$(SAN_WARN) -Wno-unknown-pragmas
+FUZZ_OPTS = -max_len=8192 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+FUZZ_DEPS = fuzz/fuzz_common.h $(C_SRC) c/reference.h
+# the gcc fallback: the same targets under fuzz/replay_main.c, random mutations per seed in the time box
+FUZZ_MUTATIONS ?= 100000000
+
+$(FUZZ_DIR)/fuzz_%: fuzz/fuzz_%.c $(FUZZ_DEPS)
+	@mkdir -p $(@D)
+	$(CLANG) $(FUZZ_CFLAGS) $< -o $@ -lm
+$(FUZZ_DIR)/replay_%: fuzz/fuzz_%.c fuzz/replay_main.c $(FUZZ_DEPS)
+	@mkdir -p $(@D)
+	$(CC) $(SAN_FLAGS) $(SAN_WARN) -Wno-unknown-pragmas $< fuzz/replay_main.c -o $@ -lm
+
+fuzz_seeds:
+	$(PYTHON) fuzz/make_seeds.py
+
+# corpus and crash reproducers through the gcc+ASan driver (no clang needed); FUZZ_RANDOM=1 adds
+# random mutations for FUZZ_SECONDS per target
+fuzz_replay: $(foreach t,$(FUZZ_TARGETS),$(FUZZ_DIR)/replay_$(t))
+	@for t in $(FUZZ_TARGETS); do mkdir -p fuzz/crashes/$$t; \
+		$(SAN_ENV) ./$(FUZZ_DIR)/replay_$$t -crash_dir=fuzz/crashes/$$t \
+			$(if $(FUZZ_RANDOM),-mutations=$(FUZZ_MUTATIONS) -max_total_time=$(FUZZ_SECONDS)) \
+			fuzz/corpus/$$t fuzz/crashes/$$t || exit 1; done
+
+ifeq ($(CLANG),)
+fuzz:
+	@echo "fuzz: clang not found, so no libFuzzer (apt-get install clang). Falling back to the gcc+ASan driver:"
+	@echo "fuzz: the corpus, the crash reproducers and random mutations, $(FUZZ_SECONDS) s per target (not coverage-guided)"
+	$(MAKE) --no-print-directory fuzz_replay FUZZ_RANDOM=1
+fuzz_build fuzz_merge:
+	@echo "$@: clang not found (apt-get install clang)"; exit 1
+else
+fuzz_build: $(foreach t,$(FUZZ_TARGETS),$(FUZZ_DIR)/fuzz_$(t))
+
+fuzz: fuzz_build
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_DIR)/corpus/$$t fuzz/crashes/$$t; log=$(FUZZ_DIR)/fuzz_$$t.log; \
+		crashes=$$(find fuzz/crashes/$$t -type f | sort); \
+		if [ -n "$$crashes" ]; then $(SAN_ENV) ./$(FUZZ_DIR)/fuzz_$$t $$crashes > $$log.replay 2>&1 \
+			|| { cat $$log.replay; echo "fuzz $$t: a reproducer in fuzz/crashes/$$t fails again"; exit 1; }; fi; \
+		$(SAN_ENV) ./$(FUZZ_DIR)/fuzz_$$t $(FUZZ_OPTS) -max_total_time=$(FUZZ_SECONDS) \
+			-artifact_prefix=fuzz/crashes/$$t/ $(FUZZ_DIR)/corpus/$$t fuzz/corpus/$$t > $$log 2>&1 \
+			|| { tail -60 $$log; echo "fuzz $$t: FAILED, reproducer in fuzz/crashes/$$t/"; exit 1; }; \
+		echo "fuzz $$t: $$(echo $$crashes | wc -w) reproducers replayed; $$(grep -E '^#[0-9]+ +DONE' $$log | sed 's/ *rss:.*//')"; \
+		echo "fuzz $$t: $$(grep -E 'stat::number_of_executed_units' $$log) in $(FUZZ_SECONDS) s"; \
+	done
+
+fuzz_merge: fuzz_build
+	for t in $(FUZZ_TARGETS); do ./$(FUZZ_DIR)/fuzz_$$t -merge=1 -max_len=8192 fuzz/corpus/$$t $(FUZZ_DIR)/corpus/$$t || exit 1; done
+endif
+
+clean_hardening:
+	rm -rf build/asan build/valgrind build/fuzz

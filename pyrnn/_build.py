@@ -1,0 +1,121 @@
+"""cffi (API mode) build of pyrnn._crnn: c/train_rnn.c compiled as a library.
+
+setup.py runs this through `cffi_modules`; `python pyrnn/_build.py` builds in place too.
+The struct declarations below are partial (`...;`): cffi asks the C compiler for the real
+layout, so fields the C side adds later never break the binding, and only the fields Python
+reads are named here.
+"""
+import os
+import shlex
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+
+from cffi import FFI
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C_DIR = os.path.join(ROOT, 'c')
+
+CDEF = """
+typedef struct { int cell, vocab_size, embed_size, hidden_size, n_layers; ...; } Config;
+
+typedef struct {
+    float **mask;        /* per layer l < L-1: (T, B, H) dropout mask on its output, 0 or 1/(1-p) */
+    ...;
+} Stack;
+
+typedef struct {
+    size_t num_params;
+    float* params;
+    float* grads;
+    ...;
+} Layer;
+
+typedef struct {
+    size_t num_params;
+    float* params;       /* embedding.weight, rnn.*, head.weight, head.bias */
+    float* grads;
+    float* m;            /* AdamW moments, NULL before the first step */
+    float* v;
+    int adam_t;
+    Stack rnn;
+    int B, T;            /* shape of the last forward */
+    float *head_mask, *logits, *h_n, *c_n, *dh0, *dc0;
+    float loss;
+    ...;
+} Model;
+
+const char* pyrnn_last_error(void);
+void pyrnn_set_num_threads(int n);
+int pyrnn_get_num_threads(void);
+
+Layer* layer_new(int cell, int input_size, int hidden_size, int n_layers, int has_bias);
+int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float* x, const float* h0,
+                      const float* c0, int B, int T);
+int layer_backward_api(Layer* m, float* dx, float* dh0, float* dc0, const float* dout,
+                       const float* dh_n, const float* dc_n);
+void layer_zero_grad(Layer* m);
+void layer_free(Layer* m);
+
+size_t model_num_params(Config c);
+Model* model_new(Config c);
+void model_init(Model* m, uint64_t seed);
+void model_set_training(Model* m, int training, float dropout);
+int model_forward(Model* m, const int* inputs, const int* targets, const float* h0, const float* c0,
+                  int B, int T);
+int model_backward(Model* m);
+void model_zero_grad(Model* m);
+int model_step(Model* m, float lr, float beta1, float beta2, float eps, float weight_decay,
+               float max_grad_norm, float* grad_norm);
+void model_free(Model* m);
+int model_sample(Model* m, int* out, const int* prime, int n_prime, int n, float temperature, int top_k,
+                 uint64_t seed);
+"""
+
+
+def _compiler():
+    # the compiler setuptools will use: $CC, else Python's own, else plain cc
+    for cand in (os.environ.get('CC'), sysconfig.get_config_var('CC'), 'cc'):
+        if cand and shutil.which(shlex.split(cand)[0]):
+            return shlex.split(cand)
+    return ['cc']
+
+
+def _accepts(cc, flags):
+    # compile and link an empty program; a non-zero exit means "no"
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, 'probe.c')
+        with open(src, 'w') as f:
+            f.write('int main(void) { return 0; }\n')
+        try:
+            r = subprocess.run(cc + flags + [src, '-o', os.path.join(d, 'probe')],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return r.returncode == 0
+
+
+def _flags():
+    cc = _compiler()
+    opt = next((f for f in (['-O3', '-march=native'], ['-O3']) if _accepts(cc, f)), [])
+    omp = ['-fopenmp'] if _accepts(cc, ['-fopenmp']) else []  # without it the C code runs serially
+    quiet = ['-Wno-unused-function'] + ([] if omp else ['-Wno-unknown-pragmas'])
+    return opt + omp + quiet, omp
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+_compile_args, _link_args = _flags()
+ffibuilder.set_source(
+    'pyrnn._crnn',
+    '#define PYRNN_NO_MAIN\n#include "train_rnn.c"\n',
+    include_dirs=[C_DIR],
+    depends=[os.path.join(C_DIR, 'train_rnn.c')],  # rebuild when the C core changes
+    extra_compile_args=_compile_args,
+    extra_link_args=_link_args,
+    libraries=['m'],
+)
+
+if __name__ == '__main__':
+    ffibuilder.compile(tmpdir=ROOT, verbose=True)

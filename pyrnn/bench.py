@@ -1,0 +1,159 @@
+"""CPU benchmark: training steps/s of the C trainer, PyTorch (when installed) and the NumPy oracle,
+measured back to back in one run on the same machine and thread count.
+
+    python -m pyrnn bench [--threads 2] [--configs small medium large] [--out bench.json]
+
+Each measurement runs in its own process, so peak resident memory is per implementation. A step is
+forward, backward, global-norm clipping and AdamW; FLOPs count 3x the forward GEMMs. The machine's
+float32 GEMM rate (numpy) is the ceiling.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+V = 65
+CONFIGS = {   # name: (E, H, L, B, T, cells)
+    "small": (64, 128, 1, 32, 64, ("rnn", "lstm", "gru")),
+    "medium": (128, 256, 2, 32, 64, ("rnn", "lstm", "gru")),
+    "large": (256, 512, 2, 64, 128, ("lstm",)),
+}
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+
+
+def step_flops(cell, E, H, L, B, T):
+    fwd = sum(2 * B * T * GATES[cell] * H * ((E if l == 0 else H) + H) for l in range(L)) + 2 * B * T * H * V
+    return 3 * fwd
+
+
+def gemm_ceiling(threads, n=1024, repeats=5):
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = a.copy()
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(impl, config, cell, threads, warmup, repeats):
+    """Times `repeats` steady-state steps; prints one JSON line."""
+    E, H, L, B, T, _ = CONFIGS[config]
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, V, (B, T)).astype(np.int32)
+    y = rng.integers(0, V, (B, T)).astype(np.int32)
+    if impl == "torch":
+        import torch
+        torch.set_num_threads(threads)
+        from .interop import torch_char_lm
+        model = torch_char_lm(cell, V, E, H, L)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        xt, yt = torch.from_numpy(x).long(), torch.from_numpy(y).long()
+        loss_fn = torch.nn.CrossEntropyLoss()
+        def step():
+            logits, _ = model(xt)
+            loss = loss_fn(logits.reshape(-1, V), yt.reshape(-1))
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    else:
+        from .nn import CharLM, set_num_threads
+        if impl == "c":
+            set_num_threads(threads)
+        model = CharLM(cell, V, E, H, L, backend="c" if impl == "c" else "numpy")
+        def step():
+            model.forward(x, y)
+            model.zero_grad()
+            model.backward()
+            model.step(1e-3, weight_decay=0.01, max_grad_norm=1.0)
+    base = _rss_mb()
+    for _ in range(warmup):
+        step()
+    times = sorted(_timed(step) for _ in range(repeats))
+    median = times[len(times) // 2]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"impl": impl, "config": config, "cell": cell, "step_s": median, "tok_s": B * T / median,
+                      "gflops": step_flops(cell, E, H, L, B, T) / median / 1e9, "peak_rss_mb": peak,
+                      "train_rss_mb": peak - base}))
+
+
+def measure(impl, config, cell, threads, warmup, repeats):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "pyrnn.bench", "--worker", impl, config, cell, str(threads), str(warmup), str(repeats)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{impl} {config} {cell} failed: {r.stderr.strip().splitlines()[-1:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pyrnn bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy oracle")
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        impl, config, cell, threads, warmup, repeats = args.worker
+        worker(impl, config, cell, int(threads), int(warmup), int(repeats))
+        return
+    try:
+        import torch  # noqa: F401
+        impls = ["c", "torch"]
+    except ImportError:
+        impls = ["c"]
+        print("torch is not installed: measuring without the PyTorch peer (pip install torch)")
+    if not args.no_numpy:
+        impls.append("numpy")
+    os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
+    ceiling = gemm_ceiling(args.threads)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+               platform.processor())
+    print(f"{cpu}, {os.cpu_count()} cores, {args.threads} threads; numpy float32 GEMM ceiling {ceiling:.0f} GFLOP/s")
+    header = f"{'config':7} {'cell':5} {'impl':6} {'tok/s':>9} {'x torch':>8} {'GFLOP/s':>8} {'% peak':>7} {'peak MB':>8} {'train MB':>8}"
+    print(header)
+    print("-" * len(header))
+    results = []
+    for config in args.configs:
+        for cell in CONFIGS[config][5]:
+            row = {}
+            for impl in impls:
+                reps = max(3, args.repeats // 5) if impl == "numpy" else args.repeats
+                row[impl] = measure(impl, config, cell, args.threads, 1 if impl == "numpy" else args.warmup, reps)
+            ceiling = max(ceiling, 0.0)
+            for impl, r in row.items():
+                ratio = r["tok_s"] / row["torch"]["tok_s"] if "torch" in row else float("nan")
+                r["x_torch"] = ratio
+                r["pct_peak"] = 100 * r["gflops"] / ceiling
+                print(f"{config:7} {cell:5} {impl:6} {r['tok_s']:9.0f} {ratio:8.2f} {r['gflops']:8.1f} "
+                      f"{r['pct_peak']:6.0f}% {r['peak_rss_mb']:8.0f} {r['train_rss_mb']:8.0f}")
+                results.append(r)
+    with open(args.out, "w") as f:
+        json.dump({"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "gemm_gflops": ceiling,
+                   "results": results}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
