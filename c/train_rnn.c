@@ -57,6 +57,9 @@ static void* alloc_floats(size_t n) {
     return p;
 }
 
+// below this much work per parallel region, waking threads costs more than it saves
+#define PAR_MIN_WORK (1L << 15)
+
 void pyrnn_set_num_threads(int n) { if (n > 0) omp_set_num_threads(n); }
 int pyrnn_get_num_threads(void) { return omp_get_max_threads(); }
 
@@ -112,7 +115,7 @@ static void pack_b_team(float* bp, const float* b, int K, int N, long rs, long c
 
 static void pack_b(float* bp, const float* b, int K, int N, long rs, long cs) {
     if (omp_in_parallel()) { pack_b_team(bp, b, K, N, rs, cs); return; }
-    #pragma omp parallel
+    #pragma omp parallel if ((long)K * N > PAR_MIN_WORK)
     pack_b_team(bp, b, K, N, rs, cs);
 }
 
@@ -179,7 +182,7 @@ static void matmul(float* c, const float* a, long a_rs, long a_cs, const float* 
                    int M, int N, int K, int accumulate) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) { if (!accumulate) for (int i = 0; i < M; i++) memset(c + (long)i * N, 0, N * sizeof(float)); return; }
-    #pragma omp parallel
+    #pragma omp parallel if ((double)M * N * K > 4.0 * PAR_MIN_WORK)
     {
         pack_b_team(matmul_scratch_b, b, K, N, b_rs, b_cs);
         matmul_packed_team(c, N, a, a_rs, a_cs, matmul_scratch_b, M, N, K, accumulate);
@@ -190,7 +193,7 @@ static void matmul(float* c, const float* a, long a_rs, long a_cs, const float* 
 // columns, so reads are contiguous and the summation order is fixed
 static void colsum_accumulate(float* out, const float* x, long rows, int cols) {
     enum { SLICE = 64 };
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if (rows * cols > PAR_MIN_WORK)
     for (int j0 = 0; j0 < cols; j0 += SLICE) {
         int n = cols - j0 < SLICE ? cols - j0 : SLICE;
         float acc[SLICE] = { 0 };
@@ -208,7 +211,7 @@ static void colsum_accumulate(float* out, const float* x, long rows, int cols) {
 static double sum_squares(const float* x, size_t n) {
     double partial[MAX_THREADS] = { 0 };
     int n_threads = 1;
-    #pragma omp parallel
+    #pragma omp parallel if ((long)n > PAR_MIN_WORK)
     {
         #ifdef _OPENMP
         int id = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -249,7 +252,7 @@ static float rng_normal(uint64_t* state) {
 // embedding: x[t*B + b] = table[inputs[b*T + t]] (tokens arrive batch-major, the stack runs time-major)
 
 static void embedding_forward(float* x, const float* table, const int* inputs, int B, int T, int E) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if ((long)B * T * E > PAR_MIN_WORK)
     for (int t = 0; t < T; t++)
         for (int b = 0; b < B; b++)
             memcpy(x + ((size_t)t * B + b) * E, table + (size_t)inputs[(size_t)b * T + t] * E, E * sizeof(float));
@@ -578,7 +581,7 @@ static void layer_forward(Stack* s, int l) {
     // all T input projections in one GEMM; only the recurrent one is sequential
     matmul(gates, s->xin[l], in, 1, s->w_ih[l], 1, in, B * T, GH, in, 0);
     pack_b(s->w_packed, s->w_hh[l], H, GH, 1, H);
-    #pragma omp parallel
+    #pragma omp parallel if ((long)B * GH * H > PAR_MIN_WORK)
     for (int t = 0; t < T; t++) {
         float* gx = gates + (size_t)t * B * GH;
         matmul_packed_team(s->gh, GH, h + t * bh, H, 1, s->w_packed, B, GH, H, 0);
@@ -606,7 +609,7 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
     if (dh_n) memcpy(dh, dh_n, bh * sizeof(float)); else memset(dh, 0, bh * sizeof(float));
     if (s->cell == CELL_LSTM) { if (dc_n) memcpy(dc, dc_n, bh * sizeof(float)); else memset(dc, 0, bh * sizeof(float)); }
     pack_b(s->w_packed, s->w_hh[l], GH, H, H, 1);
-    #pragma omp parallel
+    #pragma omp parallel if ((long)B * GH * H > PAR_MIN_WORK)
     for (int t = T - 1; t >= 0; t--) {
         // dh <- dL/dh_t: what came through the recurrence plus what the layer above sent
         const float* dy_t = s->dy + t * bh;
@@ -885,7 +888,7 @@ int model_forward(Model* m, const int* inputs, const int* targets, const float* 
     else memcpy(m->head_in, top, bt * H * sizeof(float));
     matmul(m->logits, m->head_in, H, 1, m->head_w, 1, H, (int)bt, V, H, 0);
     // bias, then log-sum-exp per row and the mean cross-entropy
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if ((long)bt * V > PAR_MIN_WORK)
     for (long r = 0; r < (long)bt; r++) {
         float* z = m->logits + (size_t)r * V;
         float mx = -FLT_MAX;
@@ -909,7 +912,7 @@ int model_backward(Model* m) {
     int B = m->B, T = m->T, V = m->config.vocab_size, H = m->config.hidden_size;
     size_t bt = (size_t)B * T;
     float scale = 1.0f / (float)bt;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if ((long)bt * V > PAR_MIN_WORK)
     for (long r = 0; r < (long)bt; r++) {
         float* z = m->logits + (size_t)r * V;
         for (int v = 0; v < V; v++) z[v] = exp_approx(z[v] - m->lse[r]) * scale;
@@ -951,7 +954,7 @@ int model_step(Model* m, float lr, float beta1, float beta2, float eps, float we
     float bc2_sqrt = sqrtf(1.0f - powf(beta2, (float)m->adam_t));
     float step_size = lr / bc1;
     float decay = 1.0f - lr * weight_decay;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if ((long)m->num_params > PAR_MIN_WORK)
     for (long i = 0; i < (long)m->num_params; i++) {
         float g = m->grads[i] * clip;
         float mi = beta1 * m->m[i] + (1.0f - beta1) * g;
@@ -1022,7 +1025,11 @@ static int checked_count(size_t* n, const int* dims, int n_dims, const char* pat
 // config read from a file header: the same rules as on the command line, plus a sane upper bound
 static int config_from_header(Config* c, const int* h, const char* path) {
     c->cell = h[0]; c->vocab_size = h[1]; c->embed_size = h[2]; c->hidden_size = h[3]; c->n_layers = h[4];
-    if (config_check(c)) return fail("%s: bad model config: %s", path, pyrnn_error_msg);
+    if (config_check(c)) {
+        char why[sizeof(pyrnn_error_msg)];   // fail() writes pyrnn_error_msg: never pass it as its own argument
+        snprintf(why, sizeof(why), "%s", pyrnn_error_msg);
+        return fail("%s: bad model config: %s", path, why);
+    }
     if (c->vocab_size > 256 || c->embed_size > 65536 || c->hidden_size > 65536 || c->n_layers > 64)
         return fail("%s: model config out of range (V=%d E=%d H=%d L=%d)", path, c->vocab_size, c->embed_size,
                     c->hidden_size, c->n_layers);
@@ -1337,6 +1344,7 @@ static int resolve_latest(char* out, size_t out_size, const char* out_dir) {
     snprintf(path, sizeof(path), "%s/latest", out_dir);
     FILE* f = fopen(path, "r");
     if (!f) return fail("%s: no checkpoint to resume from: %s", path, strerror(errno));
+    name[0] = 0;   // an empty file leaves name untouched
     int ok = fgets(name, sizeof(name), f) != NULL;
     fclose(f);
     name[strcspn(name, "\r\n")] = 0;
@@ -1368,7 +1376,10 @@ typedef struct {
     int (*eval_step)(void* self, float* loss, const int* inputs, const int* targets, float* h, float* c);
 } Backend;
 
-typedef struct { Model* m; float *h, *c; int B, T; } CpuRun;
+// test hook: PYRNN_FAULT_NAN_GRAD_STEP=N (read once, in cpu_create) sets one gradient element to NaN
+// after the backward pass of optimizer step N (1-based; the training step when none was skipped),
+// once per process, so tests can reach the non-finite-gradient path (-N stop / skip). Unset: no effect.
+typedef struct { Model* m; float *h, *c; int B, T; int fault_nan_step; } CpuRun;
 
 static void cpu_destroy(void* self) {
     CpuRun* r = (CpuRun*)self;
@@ -1387,6 +1398,8 @@ static void* cpu_create(Config c, int B, int T, float dropout, uint64_t seed) {
     if (!r->m || !r->h || !r->c) { if (r->m) fail("out of memory"); cpu_destroy(r); return NULL; }
     model_set_training(r->m, 1, dropout);
     r->m->rng = seed;
+    const char* fault = getenv("PYRNN_FAULT_NAN_GRAD_STEP");
+    r->fault_nan_step = fault ? atoi(fault) : 0;
     return r;
 }
 
@@ -1440,6 +1453,7 @@ static int cpu_train_step(void* self, float* loss, float* grad_norm, const int* 
     *loss = m->loss;
     model_zero_grad(m);
     if (model_backward(m)) return -1;
+    if (r->fault_nan_step > 0 && m->adam_t + 1 == r->fault_nan_step) { m->grads[0] = NAN; r->fault_nan_step = 0; }
     if (model_step(m, sp->lr, sp->beta1, sp->beta2, sp->eps, sp->weight_decay, sp->max_grad_norm, grad_norm)) return -1;
     return cpu_set_state(self, m->h_n, m->c_n);
 }
@@ -1796,6 +1810,12 @@ int train_main(int argc, char** argv, const Backend* be) {
             Checkpoint k;
             memset(&k, 0, sizeof(k));
             TRY(be->get_params(run, params, m, v, &k.adam_t, &k.rng));
+            if (!isfinite(sum_squares(params, P) + sum_squares(m, P) + sum_squares(v, P))) {
+                // a finite loss and gradient can still overflow the update (e.g. a huge -l): never save that
+                fail("step %d: the parameters or AdamW state overflowed in the update; stopping without saving "
+                     "(the last checkpoint in %s is intact; try a smaller -l)", step + 1, a.out_dir);
+                goto error;
+            }
             TRY(be->get_state(run, h, c));
             k.config = cfg; k.B = a.B; k.T = a.T; k.step = step + 1; k.carry = a.carry;
             memcpy(k.vocab, train.vocab, 256);
