@@ -177,6 +177,32 @@ static void matmul_packed_team(float* c, long ldc, const float* a, long a_rs, lo
     }
 }
 
+// C (M x N) (+)= A (M x K, row-major) * packed op(B), on the calling thread alone
+static void matmul_packed_rows(float* c, long ldc, const float* a, long a_rs, const float* bp, int M, int N, int K,
+                               int accumulate) {
+    int n_panels = (N + NR - 1) / NR;
+    for (int k0 = 0; k0 < K; k0 += KC) {
+        int kc = K - k0 < KC ? K - k0 : KC;
+        const float* bblock = bp + (size_t)k0 * n_panels * NR;
+        for (int jp = 0; jp < n_panels; jp++)
+            for (int i0 = 0; i0 < M; i0 += MR)
+                matmul_tile_rowmajor(c + (long)i0 * ldc + jp * NR, ldc, a + (long)i0 * a_rs + k0, a_rs,
+                                     bblock + (size_t)jp * kc * NR, kc, M - i0 < MR ? M - i0 : MR,
+                                     N - jp * NR < NR ? N - jp * NR : NR, accumulate || k0 > 0);
+    }
+}
+
+// the calling thread's share [lo, hi) of n rows
+static void thread_rows(int* lo, int* hi, int n) {
+    #ifdef _OPENMP
+    int id = omp_get_thread_num(), nt = omp_get_num_threads();
+    #else
+    int id = 0, nt = 1;
+    #endif
+    *lo = (int)((long)n * id / nt);
+    *hi = (int)((long)n * (id + 1) / nt);
+}
+
 // one-off product: packs op(B) into the shared scratch first
 static void matmul(float* c, const float* a, long a_rs, long a_cs, const float* b, long b_rs, long b_cs,
                    int M, int N, int K, int accumulate) {
@@ -269,8 +295,9 @@ static void embedding_backward(float* dtable, const float* dx, const int* inputs
 }
 
 // ----------------------------------------------------------------------------
-// recurrent cells, one time step, fused over the gates. On entry gx holds W_ih x_t (no bias) and
-// gh holds W_hh h_{t-1} (no bias). Forward writes h_t (and c_t) and keeps what backward needs.
+// recurrent cells, one time step, fused over the gates, for batch rows [b0, b1). On entry gx holds
+// W_ih x_t (no bias) and gh holds W_hh h_{t-1} (no bias). Forward writes h_t (and c_t) and keeps
+// what backward needs.
 
 enum { CELL_RNN = 0, CELL_RNN_RELU = 1, CELL_LSTM = 2, CELL_GRU = 3 };
 static const char* cell_names[] = { "rnn", "rnn_relu", "lstm", "gru" };
@@ -281,7 +308,9 @@ static int cell_gates(int cell) { return cell == CELL_LSTM ? 4 : cell == CELL_GR
 // expf are scalar calls and took 40% of a step). Error is about 2 ulp, far inside the 1e-5 we test.
 static inline float exp_approx(float x) {
     x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
-    float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;   // round(x / ln 2) via the 1.5 * 2^23 trick
+    // round(x / ln 2) via the 1.5 * 2^23 trick; a NaN x takes n = 0 (converting NaN to int is undefined)
+    // and still comes out NaN through r
+    float n = ((x == x ? x : 0.0f) * 1.44269504f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;   // Cody-Waite: |r| <= ln(2) / 2
     float p = 1.0f / 5040.0f;
     p = p * r + 1.0f / 720.0f; p = p * r + 1.0f / 120.0f; p = p * r + 1.0f / 24.0f;
@@ -303,9 +332,8 @@ static inline float tanh_approx(float x) {
 }
 
 static void rnn_cell_forward(float* h, const float* gx, const float* gh, const float* b_ih,
-                             const float* b_hh, int relu, int B, int H) {
-    #pragma omp for schedule(static)
-    for (int b = 0; b < B; b++)
+                             const float* b_hh, int relu, int b0, int b1, int H) {
+    for (int b = b0; b < b1; b++)
         #pragma omp simd
         for (int j = 0; j < H; j++) {
             size_t k = (size_t)b * H + j;
@@ -314,10 +342,9 @@ static void rnn_cell_forward(float* h, const float* gx, const float* gh, const f
         }
 }
 
-static void rnn_cell_backward(float* dgates, float* dh, const float* h, int relu, int B, int H) {
+static void rnn_cell_backward(float* dgates, float* dh, const float* h, int relu, int b0, int b1, int H) {
     // dh: in, dL/dh_t; out, the part of dL/dh_{t-1} that bypasses W_hh (none for this cell)
-    #pragma omp for schedule(static)
-    for (int b = 0; b < B; b++)
+    for (int b = b0; b < b1; b++)
         #pragma omp simd
         for (int j = 0; j < H; j++) {
             size_t k = (size_t)b * H + j;
@@ -328,9 +355,8 @@ static void rnn_cell_backward(float* dgates, float* dh, const float* h, int relu
 
 // gates: in, W_ih x_t; out, activated i, f, g, o
 static void lstm_cell_forward(float* h, float* c, float* gates, const float* gh, const float* c_prev,
-                              const float* b_ih, const float* b_hh, int B, int H) {
-    #pragma omp for schedule(static)
-    for (int b = 0; b < B; b++) {
+                              const float* b_ih, const float* b_hh, int b0, int b1, int H) {
+    for (int b = b0; b < b1; b++) {
         float* g = gates + (size_t)b * 4 * H;
         const float* r = gh + (size_t)b * 4 * H;
         #pragma omp simd
@@ -349,10 +375,9 @@ static void lstm_cell_forward(float* h, float* c, float* gates, const float* gh,
 }
 
 static void lstm_cell_backward(float* dgates, float* dh, float* dc, const float* gates, const float* c,
-                               const float* c_prev, int B, int H) {
+                               const float* c_prev, int b0, int b1, int H) {
     // dc: in, dL/dc_t from step t+1; out, dL/dc_{t-1}
-    #pragma omp for schedule(static)
-    for (int b = 0; b < B; b++) {
+    for (int b = b0; b < b1; b++) {
         const float* g = gates + (size_t)b * 4 * H;
         float* dg = dgates + (size_t)b * 4 * H;
         #pragma omp simd
@@ -373,9 +398,8 @@ static void lstm_cell_backward(float* dgates, float* dh, float* dc, const float*
 
 // gates: in, W_ih x_t; out, activated r, z, n. hn keeps W_hn h_{t-1} + b_hn, which r multiplies.
 static void gru_cell_forward(float* h, float* gates, float* hn, const float* gh, const float* h_prev,
-                             const float* b_ih, const float* b_hh, int B, int H) {
-    #pragma omp for schedule(static)
-    for (int b = 0; b < B; b++) {
+                             const float* b_ih, const float* b_hh, int b0, int b1, int H) {
+    for (int b = b0; b < b1; b++) {
         float* g = gates + (size_t)b * 3 * H;
         const float* r = gh + (size_t)b * 3 * H;
         #pragma omp simd
@@ -393,10 +417,9 @@ static void gru_cell_forward(float* h, float* gates, float* hn, const float* gh,
 }
 
 static void gru_cell_backward(float* dgates, float* dgates_h, float* dh, const float* gates,
-                              const float* hn, const float* h_prev, int B, int H) {
+                              const float* hn, const float* h_prev, int b0, int b1, int H) {
     // dgates_h differs from dgates only in the n block: r scales W_hn h + b_hn
-    #pragma omp for schedule(static)
-    for (int b = 0; b < B; b++) {
+    for (int b = b0; b < b1; b++) {
         const float* g = gates + (size_t)b * 3 * H;
         float* dg = dgates + (size_t)b * 3 * H;
         float* dgh = dgates_h + (size_t)b * 3 * H;
@@ -581,19 +604,25 @@ static void layer_forward(Stack* s, int l) {
     // all T input projections in one GEMM; only the recurrent one is sequential
     matmul(gates, s->xin[l], in, 1, s->w_ih[l], 1, in, B * T, GH, in, 0);
     pack_b(s->w_packed, s->w_hh[l], H, GH, 1, H);
+    // batch rows never interact in the recurrence: each thread runs all T steps for its own rows,
+    // with no barrier inside the loop (a barrier per step dominated small models)
     #pragma omp parallel if ((long)B * GH * H > PAR_MIN_WORK)
-    for (int t = 0; t < T; t++) {
-        float* gx = gates + (size_t)t * B * GH;
-        matmul_packed_team(s->gh, GH, h + t * bh, H, 1, s->w_packed, B, GH, H, 0);
-        switch (s->cell) {
-        case CELL_RNN: case CELL_RNN_RELU:
-            rnn_cell_forward(h + (t + 1) * bh, gx, s->gh, s->b_ih[l], s->b_hh[l], s->cell == CELL_RNN_RELU, B, H); break;
-        case CELL_LSTM:
-            lstm_cell_forward(h + (t + 1) * bh, s->c[l] + (t + 1) * bh, gx, s->gh, s->c[l] + t * bh,
-                              s->b_ih[l], s->b_hh[l], B, H); break;
-        case CELL_GRU:
-            gru_cell_forward(h + (t + 1) * bh, gx, s->hn[l] + t * bh, s->gh, h + t * bh,
-                             s->b_ih[l], s->b_hh[l], B, H); break;
+    {
+        int b0, b1;
+        thread_rows(&b0, &b1, B);
+        for (int t = 0; t < T && b1 > b0; t++) {
+            float* gx = gates + (size_t)t * B * GH;
+            matmul_packed_rows(s->gh + (size_t)b0 * GH, GH, h + t * bh + (size_t)b0 * H, H, s->w_packed, b1 - b0, GH, H, 0);
+            switch (s->cell) {
+            case CELL_RNN: case CELL_RNN_RELU:
+                rnn_cell_forward(h + (t + 1) * bh, gx, s->gh, s->b_ih[l], s->b_hh[l], s->cell == CELL_RNN_RELU, b0, b1, H); break;
+            case CELL_LSTM:
+                lstm_cell_forward(h + (t + 1) * bh, s->c[l] + (t + 1) * bh, gx, s->gh, s->c[l] + t * bh,
+                                  s->b_ih[l], s->b_hh[l], b0, b1, H); break;
+            case CELL_GRU:
+                gru_cell_forward(h + (t + 1) * bh, gx, s->hn[l] + t * bh, s->gh, h + t * bh,
+                                 s->b_ih[l], s->b_hh[l], b0, b1, H); break;
+            }
         }
     }
 }
@@ -610,23 +639,26 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
     if (s->cell == CELL_LSTM) { if (dc_n) memcpy(dc, dc_n, bh * sizeof(float)); else memset(dc, 0, bh * sizeof(float)); }
     pack_b(s->w_packed, s->w_hh[l], GH, H, H, 1);
     #pragma omp parallel if ((long)B * GH * H > PAR_MIN_WORK)
-    for (int t = T - 1; t >= 0; t--) {
-        // dh <- dL/dh_t: what came through the recurrence plus what the layer above sent
-        const float* dy_t = s->dy + t * bh;
-        #pragma omp for schedule(static)
-        for (size_t k = 0; k < bh; k++) dh[k] += dy_t[k];
-        float* dg = s->dgates + (size_t)t * B * GH;
-        float* dgh = s->dgates_h + (size_t)t * B * GH;
-        const float* g = s->gates[l] + (size_t)t * B * GH;
-        switch (s->cell) {
-        case CELL_RNN: case CELL_RNN_RELU:
-            rnn_cell_backward(dg, dh, h + (t + 1) * bh, s->cell == CELL_RNN_RELU, B, H); break;
-        case CELL_LSTM:
-            lstm_cell_backward(dg, dh, dc, g, s->c[l] + (t + 1) * bh, s->c[l] + t * bh, B, H); break;
-        case CELL_GRU:
-            gru_cell_backward(dg, dgh, dh, g, s->hn[l] + t * bh, h + t * bh, B, H); break;
+    {
+        int b0, b1;   // as in forward: each thread owns its batch rows through all T steps
+        thread_rows(&b0, &b1, B);
+        for (int t = T - 1; t >= 0 && b1 > b0; t--) {
+            // dh <- dL/dh_t: what came through the recurrence plus what the layer above sent
+            const float* dy_t = s->dy + t * bh;
+            for (size_t k = (size_t)b0 * H; k < (size_t)b1 * H; k++) dh[k] += dy_t[k];
+            float* dg = s->dgates + (size_t)t * B * GH;
+            float* dgh = s->dgates_h + (size_t)t * B * GH;
+            const float* g = s->gates[l] + (size_t)t * B * GH;
+            switch (s->cell) {
+            case CELL_RNN: case CELL_RNN_RELU:
+                rnn_cell_backward(dg, dh, h + (t + 1) * bh, s->cell == CELL_RNN_RELU, b0, b1, H); break;
+            case CELL_LSTM:
+                lstm_cell_backward(dg, dh, dc, g, s->c[l] + (t + 1) * bh, s->c[l] + t * bh, b0, b1, H); break;
+            case CELL_GRU:
+                gru_cell_backward(dg, dgh, dh, g, s->hn[l] + t * bh, h + t * bh, b0, b1, H); break;
+            }
+            matmul_packed_rows(dh + (size_t)b0 * H, H, dgh + (size_t)b0 * GH, GH, s->w_packed, b1 - b0, H, GH, 1);
         }
-        matmul_packed_team(dh, H, dgh, GH, 1, s->w_packed, B, H, GH, 1);
     }
     // weight gradients for all T steps at once
     matmul(s->dw_hh[l], s->dgates_h, 1, GH, h, H, 1, GH, H, (int)bt, 1);

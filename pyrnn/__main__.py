@@ -141,11 +141,6 @@ def cmd_plot(args):
     print(f"wrote {args.out}")
 
 
-def cmd_bench(args):
-    from . import bench
-    bench.main(args.rest)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m pyrnn", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -194,10 +189,13 @@ def main(argv=None):
     q.add_argument("-o", "--out", default="loss.png")
     q.set_defaults(fn=cmd_plot)
 
-    q = sub.add_parser("bench", help="CPU benchmark against PyTorch and the NumPy oracle")
-    q.add_argument("rest", nargs=argparse.REMAINDER)
-    q.set_defaults(fn=cmd_bench)
+    sub.add_parser("bench", help="CPU benchmark against PyTorch and the NumPy oracle (bench -h for its flags)")
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:   # its own flags, parsed by pyrnn.bench
+        from . import bench
+        bench.main(argv[1:])
+        return 0
     args = p.parse_args(argv)
     try:
         args.fn(args)
