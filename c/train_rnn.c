@@ -80,9 +80,14 @@ static size_t matmul_scratch_b_size = 0;
 
 static size_t packed_b_size(int K, int N) { return (size_t)K * (size_t)((N + NR - 1) / NR) * NR; }
 
-// room for packing any one-off op(B) of at most max_k x max_n; grows only, so steady state never allocates
-static int matmul_reserve(size_t max_k, size_t max_n) {
-    size_t b_floats = packed_b_size((int)max_k, (int)max_n);
+// room for packing each one-off op(B) of the given K x N shapes (pairs); grows only, so steady state
+// never allocates
+static int matmul_reserve(const size_t* shapes, int n_shapes) {
+    size_t b_floats = 0;
+    for (int i = 0; i < n_shapes; i++) {
+        size_t n = packed_b_size((int)shapes[2 * i], (int)shapes[2 * i + 1]);
+        b_floats = n > b_floats ? n : b_floats;
+    }
     if (b_floats > matmul_scratch_b_size) {
         free(matmul_scratch_b);
         matmul_scratch_b = (float*)alloc_floats(b_floats);
@@ -547,7 +552,6 @@ static int stack_reserve(Stack* s, int B, int T) {
     int L = s->n_layers, H = s->hidden_size, In = s->input_size, G = cell_gates(s->cell);
     size_t GH = (size_t)G * H, bt = (size_t)B * T, bh = (size_t)B * H;
     int lstm = s->cell == CELL_LSTM, gru = s->cell == CELL_GRU;
-    size_t widest = GH > (size_t)In ? GH : (size_t)In;   // G*H >= H
     size_t sizes[] = {
         (size_t)L * (bt + B) * H,                 // h
         lstm ? (size_t)L * (bt + B) * H : 0,      // c
@@ -572,7 +576,9 @@ static int stack_reserve(Stack* s, int B, int T) {
         free(s->w_packed);
         s->w_packed = (float*)alloc_floats(packed_b_size((int)GH, (int)GH));
         if (!s->w_packed) return fail("out of memory for packed weights");
-        if (matmul_reserve(bt > widest ? bt : widest, widest)) return -1;
+        // op(B) of x W_ih^T, dY^T h, dY^T x, dY W_ih
+        size_t shapes[] = { (size_t)In, GH, bt, (size_t)H, bt, (size_t)In, GH, (size_t)In };
+        if (matmul_reserve(shapes, 4)) return -1;
     }
     s->B = B; s->T = T;
     float* parts[N_PARTS];
@@ -880,8 +886,8 @@ static int model_reserve(Model* m, int B, int T) {
         if (!m->acts_memory || !m->inputs || !m->targets) return fail("out of memory for activations (B=%d T=%d)", B, T);
         m->max_bt = (int)bt; m->max_b = B;
     }
-    size_t widest = V > H ? V : H;
-    if (matmul_reserve(bt > widest ? bt : widest, widest)) return -1;
+    size_t shapes[] = { H, V, bt, H, V, H };   // op(B) of h W^T, dlogits^T h, dlogits W
+    if (matmul_reserve(shapes, 3)) return -1;
     float* p = m->acts_memory;
     m->x = p; p += bt * E;
     m->dx = p; p += bt * E;
