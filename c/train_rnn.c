@@ -576,8 +576,9 @@ static int stack_reserve(Stack* s, int B, int T) {
         free(s->w_packed);
         s->w_packed = (float*)alloc_floats(packed_b_size((int)GH, (int)GH));
         if (!s->w_packed) return fail("out of memory for packed weights");
-        // op(B) of x W_ih^T, dY^T h, dY^T x, dY W_ih
-        size_t shapes[] = { (size_t)In, GH, bt, (size_t)H, bt, (size_t)In, GH, (size_t)In };
+        // op(B) of x W_ih^T, dY^T h, dY^T x, dY W_ih, for layer inputs of width In (layer 0) and H
+        size_t in_max = (size_t)(In > H ? In : H);
+        size_t shapes[] = { in_max, GH, bt, (size_t)H, bt, in_max, GH, in_max };
         if (matmul_reserve(shapes, 4)) return -1;
     }
     s->B = B; s->T = T;
