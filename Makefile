@@ -85,9 +85,10 @@ gpu_libdir = $(firstword $(wildcard $(1)/lib64/lib$(2).so* $(1)/lib/lib$(2).so*)
 gpu_libflag = $(if $(wildcard $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so),-l$(2),-l:$(notdir $(firstword $(wildcard $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so.[0-9] $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so.[0-9][0-9]))))
 gpu_dep_flags = $(if $(1),-I$(1)/include -L$(dir $(call gpu_libdir,$(1),$(2))) -Xlinker -rpath$(gpu_comma)$(patsubst %/,%,$(dir $(call gpu_libdir,$(1),$(2)))) $(call gpu_libflag,$(1),$(2)),-l$(2))
 GPU_LIBS = $(call gpu_dep_flags,$(CUDNN_ROOT),cudnn) $(call gpu_dep_flags,$(CUBLAS_ROOT),cublas)
-# host side as for the CPU build: OpenMP, -march=native when the host compiler takes them
+# host side as for the CPU build: OpenMP, -march=native when the host compiler takes them; the C file's
+# `= { 0 }` initialisers are idiomatic C but draw -Wmissing-field-initializers as C++
 gpu_cxx_flag = $(shell echo 'int main(){return 0;}' | $(CXX) $(1) -x c++ - -o /dev/null 2>/dev/null && echo $(gpu_comma)$(1))
-GPU_HOST_FLAGS = $(eval GPU_HOST_FLAGS := -Wall,-Wextra,-Wno-unused-function$(call gpu_cxx_flag,-march=native)$(call gpu_cxx_flag,-fopenmp))$(GPU_HOST_FLAGS)
+GPU_HOST_FLAGS = $(eval GPU_HOST_FLAGS := -Wall,-Wextra,-Wno-unused-function,-Wno-missing-field-initializers$(call gpu_cxx_flag,-march=native)$(call gpu_cxx_flag,-fopenmp))$(GPU_HOST_FLAGS)
 GPU_ARCH ?= -gencode arch=compute_90,code=[sm_90,compute_90]
 NVCCFLAGS ?= -O3 -std=c++17 $(GPU_ARCH)
 NVCC_CMD = $(NVCC) $(NVCCFLAGS) -Xcompiler $(GPU_HOST_FLAGS)
@@ -169,7 +170,7 @@ CLI_TESTS = tests/test_cli_errors.py tests/test_numerics.py
 HARD_DATA_PY = import sys, numpy as np; from pyrnn import data; \
 	data.prepare(np.random.default_rng(0).choice(np.frombuffer(b'abcdefghij klmno\n', np.uint8), 6000).tobytes(), sys.argv[1])
 
-.PHONY: test_asan asan_build asan_py valgrind fuzz fuzz_build fuzz_replay fuzz_seeds fuzz_merge clean_hardening
+.PHONY: test_asan asan_build asan_py valgrind fuzz fuzz_build fuzz_replay fuzz_seeds fuzz_merge fuzz_coverage clean_hardening
 
 $(ASAN_DIR)/train_cpu: $(C_SRC)
 	@mkdir -p $(@D)
@@ -197,16 +198,16 @@ test_asan: asan_build
 		for v in "default:" "clipped:--max-grad-norm 0.1 --layers 3 --no-h0"; do \
 			ref=$(ASAN_DIR)/ref/ref_$${c}_$${v%%:*}.bin; \
 			$(PYTHON) -m pyrnn.reference --cell $$c $${v#*:} -o $$ref > /dev/null || exit 1; \
-			$(SAN_ENV) ./$(ASAN_DIR)/test_cpu $$ref > $$ref.log 2>&1 || { cat $$ref.log; exit 1; }; \
+			$(SAN_ENV) $(ASAN_DIR)/test_cpu $$ref > $$ref.log 2>&1 || { cat $$ref.log; exit 1; }; \
 			echo "$$ref: $$(tail -1 $$ref.log)"; \
 		done; done
 	@echo "== test_asan: train, checkpoint, resume (lstm, gru; dropout, eval, top-k sampling)"
 	@d=$(ASAN_DIR)/train; rm -rf $$d; mkdir -p $$d; $(PYTHON) -c "$(HARD_DATA_PY)" $$d/data || exit 1; \
 	for c in lstm gru; do \
 		flags="-i $$d/data/train.bin -j $$d/data/val.bin -o $$d/$$c -v 3 -s 6 -m 20 -K 5 -k 3 -P 2"; \
-		$(SAN_ENV) ./$(ASAN_DIR)/train_cpu $$flags -c $$c -L 2 -E 8 -H 16 -b 4 -t 16 -p 0.1 -n 6 > $$d/$$c.log 2>&1 \
+		$(SAN_ENV) $(ASAN_DIR)/train_cpu $$flags -c $$c -L 2 -E 8 -H 16 -b 4 -t 16 -p 0.1 -n 6 > $$d/$$c.log 2>&1 \
 			|| { cat $$d/$$c.log; exit 1; }; \
-		$(SAN_ENV) ./$(ASAN_DIR)/train_cpu $$flags -r latest -n 10 > $$d/$$c.resume.log 2>&1 \
+		$(SAN_ENV) $(ASAN_DIR)/train_cpu $$flags -r latest -n 10 > $$d/$$c.resume.log 2>&1 \
 			|| { cat $$d/$$c.resume.log; exit 1; }; \
 		grep -q "resuming from $$d/$$c/ckpt_00000006.bin at step 6" $$d/$$c.resume.log && test -f $$d/$$c/ckpt_00000010.bin \
 			|| { echo "resume did not happen as expected"; cat $$d/$$c.resume.log; exit 1; }; \
@@ -236,17 +237,17 @@ valgrind: $(VG_DIR)/train_cpu $(VG_DIR)/test_cpu
 	@command -v $(VALGRIND) > /dev/null || { echo "valgrind not found (apt-get install valgrind)"; exit 1; }
 	@d=$(VG_DIR)/run; rm -rf $$d; mkdir -p $$d; \
 	$(PYTHON) -m pyrnn.reference --cell lstm --layers 2 --vocab 5 --embed 3 --hidden 4 -B 2 -T 3 --steps 2 -o $$d/ref.bin > /dev/null || exit 1; \
-	OMP_NUM_THREADS=1 $(VG) ./$(VG_DIR)/test_cpu $$d/ref.bin > $$d/ref.log 2>&1 || { cat $$d/ref.log; exit 1; }; \
+	OMP_NUM_THREADS=1 $(VG) $(VG_DIR)/test_cpu $$d/ref.bin > $$d/ref.log 2>&1 || { cat $$d/ref.log; exit 1; }; \
 	echo "valgrind test_cpu (lstm): $$(tail -1 $$d/ref.log)"; \
 	$(PYTHON) -c "$(HARD_DATA_PY)" $$d/data || exit 1; \
 	flags="-i $$d/data/train.bin -j $$d/data/val.bin -o $$d/out -v 10 -s 20 -m 10 -k 5 -P 1"; \
-	$(VG) ./$(VG_DIR)/train_cpu $$flags -c lstm -L 1 -E 4 -H 8 -b 2 -t 8 -n 10 > $$d/train.log 2>&1 || { cat $$d/train.log; exit 1; }; \
-	$(VG) ./$(VG_DIR)/train_cpu $$flags -r latest -n 20 > $$d/resume.log 2>&1 || { cat $$d/resume.log; exit 1; }; \
+	$(VG) $(VG_DIR)/train_cpu $$flags -c lstm -L 1 -E 4 -H 8 -b 2 -t 8 -n 10 > $$d/train.log 2>&1 || { cat $$d/train.log; exit 1; }; \
+	$(VG) $(VG_DIR)/train_cpu $$flags -r latest -n 20 > $$d/resume.log 2>&1 || { cat $$d/resume.log; exit 1; }; \
 	grep -q "resuming from $$d/out/ckpt_00000010.bin at step 10" $$d/resume.log && test -f $$d/out/ckpt_00000020.bin \
 		|| { echo "resume did not happen as expected"; cat $$d/resume.log; exit 1; }; \
 	echo "valgrind train_cpu: 10 steps, checkpoint, resume to 20: clean"; \
 	: > $$d/out/latest; \
-	$(VALGRIND) -q --error-exitcode=99 --leak-check=full ./$(VG_DIR)/train_cpu $$flags -r latest -n 30 > $$d/empty.log 2>&1; \
+	$(VALGRIND) -q --error-exitcode=99 --leak-check=full $(VG_DIR)/train_cpu $$flags -r latest -n 30 > $$d/empty.log 2>&1; \
 	test $$? -eq 1 && grep -q "does not name a checkpoint" $$d/empty.log || { cat $$d/empty.log; exit 1; }; \
 	echo "valgrind train_cpu, resume from an empty latest: rejected, clean"
 
@@ -267,6 +268,7 @@ FUZZ_OPTS = -max_len=8192 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
 FUZZ_DEPS = fuzz/fuzz_common.h $(C_SRC) c/reference.h
 # the gcc fallback: the same targets under fuzz/replay_main.c, random mutations per seed in the time box
 FUZZ_MUTATIONS ?= 100000000
+FUZZ_SEED ?= 1
 
 $(FUZZ_DIR)/fuzz_%: fuzz/fuzz_%.c $(FUZZ_DEPS)
 	@mkdir -p $(@D)
@@ -282,15 +284,15 @@ fuzz_seeds:
 # random mutations for FUZZ_SECONDS per target
 fuzz_replay: $(foreach t,$(FUZZ_TARGETS),$(FUZZ_DIR)/replay_$(t))
 	@for t in $(FUZZ_TARGETS); do mkdir -p fuzz/crashes/$$t; \
-		$(SAN_ENV) ./$(FUZZ_DIR)/replay_$$t -crash_dir=fuzz/crashes/$$t \
-			$(if $(FUZZ_RANDOM),-mutations=$(FUZZ_MUTATIONS) -max_total_time=$(FUZZ_SECONDS)) \
+		$(SAN_ENV) $(FUZZ_DIR)/replay_$$t -crash_dir=fuzz/crashes/$$t \
+			$(if $(FUZZ_RANDOM),-mutations=$(FUZZ_MUTATIONS) -max_total_time=$(FUZZ_SECONDS) -seed=$(FUZZ_SEED)) \
 			fuzz/corpus/$$t fuzz/crashes/$$t || exit 1; done
 
 ifeq ($(CLANG),)
 fuzz:
 	@echo "fuzz: clang not found, so no libFuzzer (apt-get install clang). Falling back to the gcc+ASan driver:"
 	@echo "fuzz: the corpus, the crash reproducers and random mutations, $(FUZZ_SECONDS) s per target (not coverage-guided)"
-	$(MAKE) --no-print-directory fuzz_replay FUZZ_RANDOM=1
+	$(MAKE) --no-print-directory fuzz_replay FUZZ_RANDOM=1 FUZZ_SEED=$$(date +%s)
 fuzz_build fuzz_merge:
 	@echo "$@: clang not found (apt-get install clang)"; exit 1
 else
@@ -299,19 +301,39 @@ fuzz_build: $(foreach t,$(FUZZ_TARGETS),$(FUZZ_DIR)/fuzz_$(t))
 fuzz: fuzz_build
 	@for t in $(FUZZ_TARGETS); do \
 		mkdir -p $(FUZZ_DIR)/corpus/$$t fuzz/crashes/$$t; log=$(FUZZ_DIR)/fuzz_$$t.log; \
-		crashes=$$(find fuzz/crashes/$$t -type f | sort); \
-		if [ -n "$$crashes" ]; then $(SAN_ENV) ./$(FUZZ_DIR)/fuzz_$$t $$crashes > $$log.replay 2>&1 \
+		crashes=$$(find fuzz/crashes/$$t -type f ! -name '.*' | sort); \
+		if [ -n "$$crashes" ]; then $(SAN_ENV) $(FUZZ_DIR)/fuzz_$$t $$crashes > $$log.replay 2>&1 \
 			|| { cat $$log.replay; echo "fuzz $$t: a reproducer in fuzz/crashes/$$t fails again"; exit 1; }; fi; \
-		$(SAN_ENV) ./$(FUZZ_DIR)/fuzz_$$t $(FUZZ_OPTS) -max_total_time=$(FUZZ_SECONDS) \
+		$(SAN_ENV) $(FUZZ_DIR)/fuzz_$$t $(FUZZ_OPTS) -max_total_time=$(FUZZ_SECONDS) \
 			-artifact_prefix=fuzz/crashes/$$t/ $(FUZZ_DIR)/corpus/$$t fuzz/corpus/$$t > $$log 2>&1 \
 			|| { tail -60 $$log; echo "fuzz $$t: FAILED, reproducer in fuzz/crashes/$$t/"; exit 1; }; \
-		echo "fuzz $$t: $$(echo $$crashes | wc -w) reproducers replayed; $$(grep -E '^#[0-9]+ +DONE' $$log | sed 's/ *rss:.*//')"; \
+		echo "fuzz $$t: $$(echo $$crashes | wc -w) reproducers replayed; $$(grep -E '^#[0-9]+[[:space:]]+DONE' $$log | tr '\t' ' ' | sed 's/ *rss:.*//')"; \
 		echo "fuzz $$t: $$(grep -E 'stat::number_of_executed_units' $$log) in $(FUZZ_SECONDS) s"; \
 	done
 
 fuzz_merge: fuzz_build
-	for t in $(FUZZ_TARGETS); do ./$(FUZZ_DIR)/fuzz_$$t -merge=1 -max_len=8192 fuzz/corpus/$$t $(FUZZ_DIR)/corpus/$$t || exit 1; done
+	for t in $(FUZZ_TARGETS); do $(FUZZ_DIR)/fuzz_$$t -merge=1 -max_len=8192 fuzz/corpus/$$t $(FUZZ_DIR)/corpus/$$t || exit 1; done
 endif
 
 clean_hardening:
 	rm -rf build/asan build/valgrind build/fuzz
+
+# line coverage of the readers by the corpus (fuzz/corpus plus what fuzzing added in build/fuzz/corpus)
+LLVM_PROFDATA ?= llvm-profdata
+LLVM_COV ?= llvm-cov
+FUZZ_COV_FUNCS = blob_load|blob_take|blob_done|checked_count|config_from_header|tokens_parse|loader_init|loader_next|checkpoint_parse|resolve_latest|reference_parse
+fuzz_coverage:
+	@test -n "$(CLANG)" || { echo "fuzz_coverage: clang not found"; exit 1; }
+	@mkdir -p $(FUZZ_DIR)/cov
+	@for t in $(FUZZ_TARGETS); do \
+		$(CLANG) -g -O0 -fprofile-instr-generate -fcoverage-mapping -fsanitize=fuzzer -Wno-unknown-pragmas fuzz/fuzz_$$t.c \
+			-o $(FUZZ_DIR)/cov/cov_$$t -lm || exit 1; \
+		mkdir -p $(FUZZ_DIR)/corpus/$$t; \
+		LLVM_PROFILE_FILE=$(FUZZ_DIR)/cov/$$t.profraw $(FUZZ_DIR)/cov/cov_$$t -runs=0 $(FUZZ_DIR)/corpus/$$t fuzz/corpus/$$t \
+			fuzz/crashes/$$t > $(FUZZ_DIR)/cov/$$t.log 2>&1 || { cat $(FUZZ_DIR)/cov/$$t.log; exit 1; }; \
+		$(LLVM_PROFDATA) merge -sparse $(FUZZ_DIR)/cov/$$t.profraw -o $(FUZZ_DIR)/cov/$$t.profdata || exit 1; \
+		echo "== $$t: $$(find $(FUZZ_DIR)/corpus/$$t fuzz/corpus/$$t fuzz/crashes/$$t -type f ! -name '.*' | wc -l) inputs"; \
+		$(LLVM_COV) report -show-functions $(FUZZ_DIR)/cov/cov_$$t -instr-profile=$(FUZZ_DIR)/cov/$$t.profdata \
+			c/train_rnn.c c/reference.h | sed -E 's/^[a-z_]+\.c://' | grep -E "^($(FUZZ_COV_FUNCS)) " \
+			| awk '$$5 > $$6 { printf "  %-18s lines %3d/%-3d (%s)  branches %3d/%-3d (%s)\n", $$1, $$5 - $$6, $$5, $$7, $$8 - $$9, $$8, $$10 }'; \
+	done
