@@ -1732,141 +1732,145 @@ int train_main(int argc, char** argv, const Backend* be) {
     char path[4096];
     if (a.threads > 0) omp_set_num_threads(a.threads);
 
-    TRY(tokens_load(&train, a.train_path));
-    if (have_val) {
-        TRY(tokens_load(&val, a.val_path));
-        if (val.vocab_size != train.vocab_size || memcmp(val.vocab, train.vocab, 256) != 0)
-            { fail("%s and %s have different vocabularies", a.train_path, a.val_path); goto error; }
-    }
-    Config cfg = { cell_from_name(a.cell_name), train.vocab_size, a.embed_size, a.hidden_size, a.n_layers };
-    int start_step = 0;
-    if (a.resume[0]) {
-        const char* ck_path = a.resume;
-        if (strcmp(a.resume, "latest") == 0) { TRY(resolve_latest(path, sizeof(path), a.out_dir)); ck_path = path; }
-        TRY(checkpoint_load(&ck, ck_path));
-        Config k = ck.config;
-        // flags given explicitly must agree with the checkpoint; the rest come from it
-        if ((flags[3].given && k.cell != cfg.cell) || (flags[4].given && k.n_layers != cfg.n_layers) ||
-            (flags[5].given && k.embed_size != cfg.embed_size) || (flags[6].given && k.hidden_size != cfg.hidden_size)) {
-            fail("%s holds a %s model with L=%d E=%d H=%d, which does not match the flags given", ck_path,
-                 cell_names[k.cell], k.n_layers, k.embed_size, k.hidden_size);
-            goto error;
+    // one block for the run: every `goto error` leaves the scope of what it declares (C++ compiles
+    // this file too, and forbids jumping over an initialisation)
+    {
+        TRY(tokens_load(&train, a.train_path));
+        if (have_val) {
+            TRY(tokens_load(&val, a.val_path));
+            if (val.vocab_size != train.vocab_size || memcmp(val.vocab, train.vocab, 256) != 0)
+                { fail("%s and %s have different vocabularies", a.train_path, a.val_path); goto error; }
         }
-        if (k.vocab_size != train.vocab_size || memcmp(ck.vocab, train.vocab, 256) != 0) {
-            fail("%s was trained on a vocabulary of %d symbols that differs from %s (%d)", ck_path, k.vocab_size,
-                 a.train_path, train.vocab_size);
-            goto error;
-        }
-        if (ck.B > 0 && (ck.B != a.B || ck.T != a.T)) {
-            if (flags[7].given || flags[8].given) {
-                fail("%s was trained with -b %d -t %d; resuming needs the same stream layout", ck_path, ck.B, ck.T);
+        Config cfg = { cell_from_name(a.cell_name), train.vocab_size, a.embed_size, a.hidden_size, a.n_layers };
+        int start_step = 0;
+        if (a.resume[0]) {
+            const char* ck_path = a.resume;
+            if (strcmp(a.resume, "latest") == 0) { TRY(resolve_latest(path, sizeof(path), a.out_dir)); ck_path = path; }
+            TRY(checkpoint_load(&ck, ck_path));
+            Config k = ck.config;
+            // flags given explicitly must agree with the checkpoint; the rest come from it
+            if ((flags[3].given && k.cell != cfg.cell) || (flags[4].given && k.n_layers != cfg.n_layers) ||
+                (flags[5].given && k.embed_size != cfg.embed_size) || (flags[6].given && k.hidden_size != cfg.hidden_size)) {
+                fail("%s holds a %s model with L=%d E=%d H=%d, which does not match the flags given", ck_path,
+                     cell_names[k.cell], k.n_layers, k.embed_size, k.hidden_size);
                 goto error;
             }
-            a.B = ck.B; a.T = ck.T;
+            if (k.vocab_size != train.vocab_size || memcmp(ck.vocab, train.vocab, 256) != 0) {
+                fail("%s was trained on a vocabulary of %d symbols that differs from %s (%d)", ck_path, k.vocab_size,
+                     a.train_path, train.vocab_size);
+                goto error;
+            }
+            if (ck.B > 0 && (ck.B != a.B || ck.T != a.T)) {
+                if (flags[7].given || flags[8].given) {
+                    fail("%s was trained with -b %d -t %d; resuming needs the same stream layout", ck_path, ck.B, ck.T);
+                    goto error;
+                }
+                a.B = ck.B; a.T = ck.T;
+            }
+            cfg = k;
+            start_step = ck.step;
+            printf("resuming from %s at step %d\n", ck_path, ck.step);
         }
-        cfg = k;
-        start_step = ck.step;
-        printf("resuming from %s at step %d\n", ck_path, ck.step);
-    }
 
-    DataLoader loader;
-    TRY(loader_init(&loader, &train, a.B, a.T, "train"));
-    if (have_val) { DataLoader probe; TRY(loader_init(&probe, &val, a.B, a.T, "val")); }
-    if (mkdir(a.out_dir, 0755) != 0 && errno != EEXIST) { fail("-o %s: cannot create: %s", a.out_dir, strerror(errno)); goto error; }
-    snprintf(path, sizeof(path), "%s/log.jsonl", a.out_dir);
-    log = fopen(path, a.resume[0] ? "a" : "w");
-    if (!log) { fail("-o %s: cannot write %s: %s", a.out_dir, path, strerror(errno)); goto error; }
+        DataLoader loader;
+        TRY(loader_init(&loader, &train, a.B, a.T, "train"));
+        if (have_val) { DataLoader probe; TRY(loader_init(&probe, &val, a.B, a.T, "val")); }
+        if (mkdir(a.out_dir, 0755) != 0 && errno != EEXIST) { fail("-o %s: cannot create: %s", a.out_dir, strerror(errno)); goto error; }
+        snprintf(path, sizeof(path), "%s/log.jsonl", a.out_dir);
+        log = fopen(path, a.resume[0] ? "a" : "w");
+        if (!log) { fail("-o %s: cannot write %s: %s", a.out_dir, path, strerror(errno)); goto error; }
 
-    size_t P = model_num_params(cfg), lbh = (size_t)cfg.n_layers * a.B * cfg.hidden_size, bt = (size_t)a.B * a.T;
-    params = (float*)alloc_floats(P); m = (float*)alloc_floats(P); v = (float*)alloc_floats(P);
-    h = (float*)alloc_floats(lbh); c = (float*)alloc_floats(lbh);
-    inputs = (int*)malloc(bt * sizeof(int)); targets = (int*)malloc(bt * sizeof(int));
-    sampler = model_new(cfg);
-    if (!params || !m || !v || !h || !c || !inputs || !targets || !sampler) { fail("out of memory"); goto error; }
-    run = be->create(cfg, a.B, a.T, a.dropout, (uint64_t)a.seed);
-    if (!run) goto error;
-    if (a.resume[0]) {
-        TRY(be->set_params(run, ck.params, ck.m, ck.v, ck.adam_t, ck.rng));
-        if (ck.B == a.B && ck.T == a.T && a.carry) {
-            TRY(be->set_state(run, ck.h, ck.c));
-            loader.pos = (long)(ck.data_pos % loader.n_batches);
+        size_t P = model_num_params(cfg), lbh = (size_t)cfg.n_layers * a.B * cfg.hidden_size, bt = (size_t)a.B * a.T;
+        params = (float*)alloc_floats(P); m = (float*)alloc_floats(P); v = (float*)alloc_floats(P);
+        h = (float*)alloc_floats(lbh); c = (float*)alloc_floats(lbh);
+        inputs = (int*)malloc(bt * sizeof(int)); targets = (int*)malloc(bt * sizeof(int));
+        sampler = model_new(cfg);
+        if (!params || !m || !v || !h || !c || !inputs || !targets || !sampler) { fail("out of memory"); goto error; }
+        run = be->create(cfg, a.B, a.T, a.dropout, (uint64_t)a.seed);
+        if (!run) goto error;
+        if (a.resume[0]) {
+            TRY(be->set_params(run, ck.params, ck.m, ck.v, ck.adam_t, ck.rng));
+            if (ck.B == a.B && ck.T == a.T && a.carry) {
+                TRY(be->set_state(run, ck.h, ck.c));
+                loader.pos = (long)(ck.data_pos % loader.n_batches);
+            } else {
+                TRY(be->set_state(run, NULL, NULL));
+            }
         } else {
+            // one init for every backend: the host model draws the weights from the seed
+            model_init(sampler, (uint64_t)a.seed);
+            TRY(be->set_params(run, sampler->params, NULL, NULL, 0, sampler->rng));
             TRY(be->set_state(run, NULL, NULL));
         }
-    } else {
-        // one init for every backend: the host model draws the weights from the seed
-        model_init(sampler, (uint64_t)a.seed);
-        TRY(be->set_params(run, sampler->params, NULL, NULL, 0, sampler->rng));
-        TRY(be->set_state(run, NULL, NULL));
-    }
 
-    printf("pyrnn %s | %s L=%d E=%d H=%d V=%d | %.2fM params | B=%d T=%d | lr %g wd %g clip %g | threads %d\n",
-           be->name, cell_names[cfg.cell], cfg.n_layers, cfg.embed_size, cfg.hidden_size, cfg.vocab_size, P / 1e6,
-           a.B, a.T, a.lr, a.weight_decay, a.grad_clip, omp_get_max_threads());
-    printf("train %zu tokens (%ld batches per pass), val %zu tokens\n", train.n_tokens, loader.n_batches, val.n_tokens);
+        printf("pyrnn %s | %s L=%d E=%d H=%d V=%d | %.2fM params | B=%d T=%d | lr %g wd %g clip %g | threads %d\n",
+               be->name, cell_names[cfg.cell], cfg.n_layers, cfg.embed_size, cfg.hidden_size, cfg.vocab_size, P / 1e6,
+               a.B, a.T, a.lr, a.weight_decay, a.grad_clip, omp_get_max_threads());
+        printf("train %zu tokens (%ld batches per pass), val %zu tokens\n", train.n_tokens, loader.n_batches, val.n_tokens);
 
-    CkptKeeper keeper;
-    memset(&keeper, 0, sizeof(keeper));
-    keeper.out_dir = a.out_dir;
-    StepParams sp = { a.lr, 0.9f, 0.999f, 1e-8f, a.weight_decay, a.grad_clip };
-    int skip = strcmp(a.nonfinite, "skip") == 0;
-    float val_loss = NAN;
-    for (int step = start_step; step < a.max_steps; step++) {
-        sp.lr = lr_at(&a, step);
-        int wrapped = loader_next(&loader, inputs, targets);
-        if (!a.carry || wrapped) TRY(be->set_state(run, NULL, NULL));   // a new pass does not continue the last one
-        float loss = 0.0f, norm = 0.0f;
-        double t0 = now_ms();
-        TRY(be->train_step(run, &loss, &norm, inputs, targets, &sp));
-        double ms = now_ms() - t0;
-        if (!isfinite(loss) || !isfinite(norm)) {
-            if (!skip) {
-                fail("step %d: the %s is %s; stopping (the last checkpoint in %s is intact; -N skip skips such steps)",
-                     step + 1, isfinite(loss) ? "gradient norm" : "loss", isnan(isfinite(loss) ? norm : loss) ? "NaN" : "Inf",
-                     a.out_dir);
-                goto error;
+        CkptKeeper keeper;
+        memset(&keeper, 0, sizeof(keeper));
+        keeper.out_dir = a.out_dir;
+        StepParams sp = { a.lr, 0.9f, 0.999f, 1e-8f, a.weight_decay, a.grad_clip };
+        int skip = strcmp(a.nonfinite, "skip") == 0;
+        float val_loss = NAN;
+        for (int step = start_step; step < a.max_steps; step++) {
+            sp.lr = lr_at(&a, step);
+            int wrapped = loader_next(&loader, inputs, targets);
+            if (!a.carry || wrapped) TRY(be->set_state(run, NULL, NULL));   // a new pass does not continue the last one
+            float loss = 0.0f, norm = 0.0f;
+            double t0 = now_ms();
+            TRY(be->train_step(run, &loss, &norm, inputs, targets, &sp));
+            double ms = now_ms() - t0;
+            if (!isfinite(loss) || !isfinite(norm)) {
+                if (!skip) {
+                    fail("step %d: the %s is %s; stopping (the last checkpoint in %s is intact; -N skip skips such steps)",
+                         step + 1, isfinite(loss) ? "gradient norm" : "loss", isnan(isfinite(loss) ? norm : loss) ? "NaN" : "Inf",
+                         a.out_dir);
+                    goto error;
+                }
+                printf("step %d: non-finite %s, update skipped and state reset\n", step + 1, isfinite(loss) ? "gradient" : "loss");
+                TRY(be->set_state(run, NULL, NULL));
+                continue;
             }
-            printf("step %d: non-finite %s, update skipped and state reset\n", step + 1, isfinite(loss) ? "gradient" : "loss");
-            TRY(be->set_state(run, NULL, NULL));
-            continue;
-        }
-        printf("step %5d/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s\n", step + 1, a.max_steps, loss,
-               norm, sp.lr, ms, bt / (ms / 1e3));
-        fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"grad_norm\": %.6f, \"lr\": %.6g, \"ms\": %.3f, \"tok_s\": %.1f}\n",
-                step + 1, loss, norm, sp.lr, ms, bt / (ms / 1e3));
-        int last = step + 1 == a.max_steps;
-        if (have_val && ((a.eval_every && (step + 1) % a.eval_every == 0) || last)) {
-            TRY(evaluate(&val_loss, be, run, &val, a.B, a.T, inputs, targets, h, c, lbh));
-            printf("step %5d | val loss %.4f\n", step + 1, val_loss);
-            fprintf(log, "{\"step\": %d, \"val_loss\": %.6f}\n", step + 1, val_loss);
-        }
-        fflush(log);
-        if ((a.sample_every && (step + 1) % a.sample_every == 0) || last) {
-            TRY(be->get_params(run, params, NULL, NULL, NULL, NULL));
-            print_sample(sampler, params, train.vocab, a.sample_len, a.temperature, a.top_k, (uint64_t)a.seed + step);
-        }
-        if ((a.ckpt_every && (step + 1) % a.ckpt_every == 0) || last) {
-            Checkpoint k;
-            memset(&k, 0, sizeof(k));
-            TRY(be->get_params(run, params, m, v, &k.adam_t, &k.rng));
-            if (!isfinite(sum_squares(params, P) + sum_squares(m, P) + sum_squares(v, P))) {
-                // a finite loss and gradient can still overflow the update (e.g. a huge -l): never save that
-                fail("step %d: the parameters or AdamW state overflowed in the update; stopping without saving "
-                     "(the last checkpoint in %s is intact; try a smaller -l)", step + 1, a.out_dir);
-                goto error;
+            printf("step %5d/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s\n", step + 1, a.max_steps, loss,
+                   norm, sp.lr, ms, bt / (ms / 1e3));
+            fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"grad_norm\": %.6f, \"lr\": %.6g, \"ms\": %.3f, \"tok_s\": %.1f}\n",
+                    step + 1, loss, norm, sp.lr, ms, bt / (ms / 1e3));
+            int last = step + 1 == a.max_steps;
+            if (have_val && ((a.eval_every && (step + 1) % a.eval_every == 0) || last)) {
+                TRY(evaluate(&val_loss, be, run, &val, a.B, a.T, inputs, targets, h, c, lbh));
+                printf("step %5d | val loss %.4f\n", step + 1, val_loss);
+                fprintf(log, "{\"step\": %d, \"val_loss\": %.6f}\n", step + 1, val_loss);
             }
-            TRY(be->get_state(run, h, c));
-            k.config = cfg; k.B = a.B; k.T = a.T; k.step = step + 1; k.carry = a.carry;
-            memcpy(k.vocab, train.vocab, 256);
-            k.params = params; k.m = m; k.v = v; k.h = h; k.c = c;
-            k.data_pos = loader.pos;
-            TRY(save_checkpoint(&keeper, &k));
-            printf("saved %s/%s\n", a.out_dir, keeper.previous[0]);
+            fflush(log);
+            if ((a.sample_every && (step + 1) % a.sample_every == 0) || last) {
+                TRY(be->get_params(run, params, NULL, NULL, NULL, NULL));
+                print_sample(sampler, params, train.vocab, a.sample_len, a.temperature, a.top_k, (uint64_t)a.seed + step);
+            }
+            if ((a.ckpt_every && (step + 1) % a.ckpt_every == 0) || last) {
+                Checkpoint k;
+                memset(&k, 0, sizeof(k));
+                TRY(be->get_params(run, params, m, v, &k.adam_t, &k.rng));
+                if (!isfinite(sum_squares(params, P) + sum_squares(m, P) + sum_squares(v, P))) {
+                    // a finite loss and gradient can still overflow the update (e.g. a huge -l): never save that
+                    fail("step %d: the parameters or AdamW state overflowed in the update; stopping without saving "
+                         "(the last checkpoint in %s is intact; try a smaller -l)", step + 1, a.out_dir);
+                    goto error;
+                }
+                TRY(be->get_state(run, h, c));
+                k.config = cfg; k.B = a.B; k.T = a.T; k.step = step + 1; k.carry = a.carry;
+                memcpy(k.vocab, train.vocab, 256);
+                k.params = params; k.m = m; k.v = v; k.h = h; k.c = c;
+                k.data_pos = loader.pos;
+                TRY(save_checkpoint(&keeper, &k));
+                printf("saved %s/%s\n", a.out_dir, keeper.previous[0]);
+            }
         }
+        if (start_step >= a.max_steps) printf("checkpoint is at step %d, -n is %d: nothing to train\n", start_step, a.max_steps);
+        if (isfinite(val_loss)) printf("final val loss %.4f\n", val_loss);
+        exit_code = 0;
     }
-    if (start_step >= a.max_steps) printf("checkpoint is at step %d, -n is %d: nothing to train\n", start_step, a.max_steps);
-    if (isfinite(val_loss)) printf("final val loss %.4f\n", val_loss);
-    exit_code = 0;
     goto done;
 error:
     fprintf(stderr, "error: %s\n", pyrnn_last_error());
