@@ -3,15 +3,16 @@ measured back to back in one run on the same machine and thread count.
 
     python -m pyrnn bench [--threads 2] [--configs small medium large] [--out bench.json]
 
-Each measurement runs in its own process, so peak resident memory is per implementation. A step is
-forward, backward, global-norm clipping and AdamW; FLOPs count 3x the forward GEMMs. The machine's
-float32 GEMM rate (numpy) is the ceiling.
+Each measurement runs in its own process, so peak resident memory is per implementation, and the
+implementations take turns over several rounds (the machine drifts over minutes); each figure is the
+median over rounds of a median over steps. A step is forward, backward, global-norm clipping and
+AdamW; FLOPs count 3x the forward GEMMs. The machine's float32 GEMM rate through numpy is the
+ceiling; torch's matmul rate is reported beside it.
 """
 import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -32,12 +33,15 @@ def step_flops(cell, E, H, L, B, T):
     return 3 * fwd
 
 
-def gemm_ceiling(threads, n=1024, repeats=5):
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    b = a.copy()
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n ** 3 / best / 1e9
+def gemm_rate(matmul, make, sizes=(1024, 2048), repeats=3):
+    """Best GFLOP/s of a square float32 product over a few sizes."""
+    best = 0.0
+    for n in sizes:
+        a = make(n)
+        matmul(a, a)
+        t = min(_timed(lambda: matmul(a, a)) for _ in range(repeats))
+        best = max(best, 2 * n ** 3 / t / 1e9)
+    return best
 
 
 def _timed(fn):
@@ -46,9 +50,10 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def _rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field):
+    """VmRSS / VmHWM in MB; unlike ru_maxrss, VmHWM is not inherited from the parent across exec."""
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) / 1024
 
 
 def worker(impl, config, cell, threads, warmup, repeats):
@@ -82,20 +87,35 @@ def worker(impl, config, cell, threads, warmup, repeats):
             model.zero_grad()
             model.backward()
             model.step(1e-3, weight_decay=0.01, max_grad_norm=1.0)
-    base = _rss_mb()
+    base = _status_mb("VmRSS")
     for _ in range(warmup):
         step()
     times = sorted(_timed(step) for _ in range(repeats))
     median = times[len(times) // 2]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
     print(json.dumps({"impl": impl, "config": config, "cell": cell, "step_s": median, "tok_s": B * T / median,
                       "gflops": step_flops(cell, E, H, L, B, T) / median / 1e9, "peak_rss_mb": peak,
                       "train_rss_mb": peak - base}))
 
 
+def _thread_env(threads):
+    t = str(threads)
+    return dict(os.environ, OMP_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, MKL_NUM_THREADS=t)
+
+
+def gemm_worker(threads):
+    rates = {"numpy": gemm_rate(np.matmul, lambda n: np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))}
+    try:
+        import torch
+        torch.set_num_threads(threads)
+        rates["torch"] = gemm_rate(torch.matmul, lambda n: torch.randn(n, n))
+    except ImportError:
+        pass
+    print(json.dumps(rates))
+
+
 def measure(impl, config, cell, threads, warmup, repeats):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
+    env = _thread_env(threads)
     cmd = [sys.executable, "-m", "pyrnn.bench", "--worker", impl, config, cell, str(threads), str(warmup), str(repeats)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
@@ -108,12 +128,17 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=15, help="timed steps per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="turns each implementation takes")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy oracle")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    p.add_argument("--gemm-worker", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.gemm_worker:
+        gemm_worker(args.gemm_worker)
+        return
     if args.worker:
         impl, config, cell, threads, warmup, repeats = args.worker
         worker(impl, config, cell, int(threads), int(warmup), int(repeats))
@@ -126,22 +151,33 @@ def main(argv=None):
         print("torch is not installed: measuring without the PyTorch peer (pip install torch)")
     if not args.no_numpy:
         impls.append("numpy")
-    os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
-    ceiling = gemm_ceiling(args.threads)
+    env = _thread_env(args.threads)
+    r = subprocess.run([sys.executable, "-m", "pyrnn.bench", "--gemm-worker", str(args.threads)], env=env,
+                       capture_output=True, text=True, check=True)
+    rates = json.loads(r.stdout)
+    ceiling = rates["numpy"]
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
                platform.processor())
-    print(f"{cpu}, {os.cpu_count()} cores, {args.threads} threads; numpy float32 GEMM ceiling {ceiling:.0f} GFLOP/s")
+    torch_rate = f", torch {rates['torch']:.0f}" if "torch" in rates else ""
+    print(f"{cpu}, {os.cpu_count()} cores, {args.threads} threads; float32 GEMM GFLOP/s: numpy {ceiling:.0f} "
+          f"(the ceiling){torch_rate}")
     header = f"{'config':7} {'cell':5} {'impl':6} {'tok/s':>9} {'x torch':>8} {'GFLOP/s':>8} {'% peak':>7} {'peak MB':>8} {'train MB':>8}"
     print(header)
     print("-" * len(header))
     results = []
     for config in args.configs:
         for cell in CONFIGS[config][5]:
+            runs = {impl: [] for impl in impls}
+            for _ in range(args.rounds):   # take turns, so drift hits every implementation alike
+                for impl in impls:
+                    reps = max(3, args.repeats // 5) if impl == "numpy" else args.repeats
+                    runs[impl].append(measure(impl, config, cell, args.threads, 1 if impl == "numpy" else args.warmup, reps))
             row = {}
-            for impl in impls:
-                reps = max(3, args.repeats // 5) if impl == "numpy" else args.repeats
-                row[impl] = measure(impl, config, cell, args.threads, 1 if impl == "numpy" else args.warmup, reps)
-            ceiling = max(ceiling, 0.0)
+            for impl, rs in runs.items():
+                rs.sort(key=lambda r: r["tok_s"])
+                row[impl] = dict(rs[len(rs) // 2], peak_rss_mb=max(r["peak_rss_mb"] for r in rs),
+                                 train_rss_mb=max(r["train_rss_mb"] for r in rs),
+                                 tok_s_rounds=[round(r["tok_s"]) for r in rs])
             for impl, r in row.items():
                 ratio = r["tok_s"] / row["torch"]["tok_s"] if "torch" in row else float("nan")
                 r["x_torch"] = ratio
@@ -150,8 +186,8 @@ def main(argv=None):
                       f"{r['pct_peak']:6.0f}% {r['peak_rss_mb']:8.0f} {r['train_rss_mb']:8.0f}")
                 results.append(r)
     with open(args.out, "w") as f:
-        json.dump({"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "gemm_gflops": ceiling,
-                   "results": results}, f, indent=1)
+        json.dump({"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "gemm_gflops": rates,
+                   "rounds": args.rounds, "results": results}, f, indent=1)
     print(f"wrote {args.out}")
 
 

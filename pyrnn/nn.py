@@ -29,8 +29,7 @@ _lock = threading.RLock()
 
 
 def _load_backend(backend):
-    """(ffi, lib) of the C extension. 'cuda' is reserved: pyrnn._cuda (cuda/, ABI-mode binding
-    with its own GpuLM API) is not wired into these modules yet."""
+    """(ffi, lib) of the C extension; for 'cuda', (ffi, the pyrnn._cuda module)."""
     if backend == 'c':
         try:
             from . import _crnn
@@ -41,11 +40,10 @@ def _load_backend(backend):
         return _crnn.ffi, _crnn.lib
     if backend == 'cuda':
         try:
-            from . import _cuda  # noqa: F401  (raises ImportError when lib/libpyrnn_cuda.so is missing)
+            from . import _cuda  # raises ImportError when lib/libpyrnn_cuda.so is missing
         except ImportError as e:
             raise RuntimeError(f'the cuda backend is not built: {e}') from e
-        raise NotImplementedError("backend='cuda' is not wired into pyrnn.nn yet; "
-                                  'use pyrnn._cuda.GpuLM directly')
+        return _cuda.ffi, _cuda
     raise AssertionError(backend)
 
 
@@ -187,6 +185,8 @@ class _RNNBase:
         self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
         self.bias, self.batch_first = bool(bias), bool(batch_first)
         self.backend = _check_backend(backend)
+        if backend == 'cuda':
+            raise ValueError("the layer API runs on backend 'c' or 'numpy'; backend='cuda' is for CharLM")
         shapes = oracle.stack_param_shapes(self.cell, self.input_size, self.hidden_size,
                                            self.num_layers, self.bias)
         if backend == 'numpy':
@@ -393,9 +393,15 @@ class CharLM:
         self.dropout, self.seed, self.training = float(dropout), int(seed), True
         V, E, H, L = self.vocab_size, self.embed_size, self.hidden_size, self.num_layers
         shapes = oracle.lm_param_shapes(cell, V, E, H, L)
-        if backend == 'numpy':
+        self._gpu = None
+        if backend in ('numpy', 'cuda'):
             n = sum(int(np.prod(s)) for s in shapes.values())
             self._ptr = None
+            if backend == 'cuda':
+                # parameters stay mirrored here; the GPU model is made on the first forward, for
+                # that batch shape (cuDNN descriptors are per shape), and synced lazily both ways
+                self._cuda = _load_backend('cuda')[1]
+                self._host_newer, self._gpu_newer = True, False
             self._params = _Params(shapes, np.zeros(n, np.float32), np.zeros(n, np.float32))
             self._rng = np.random.default_rng(seed)   # dropout masks
             self._adam = None                         # (m, v, t), created on the first step
@@ -433,17 +439,28 @@ class CharLM:
         """The final state of the last forward in the form hx takes: h_n, or (h_n, c_n) for an LSTM."""
         return (self.h_n, self.c_n) if self.cell == 'lstm' else self.h_n
 
+    def _sync_from_gpu(self):
+        if self._gpu is not None and self._gpu_newer:
+            self._params.flat[...] = self._gpu.get_params()
+            self._gpu_newer = False
+
     def state_dict(self):
         """Copies of the parameters: embedding.weight, rnn.weight_ih_l0, ..., head.weight, head.bias."""
+        self._sync_from_gpu()
         return self._params.state_dict()
 
     def load_state_dict(self, state_dict):
         """Copy parameters in (numpy arrays or torch tensors); keys and shapes must match exactly."""
+        self._sync_from_gpu()
         self._params.load(state_dict)
+        if self.backend == 'cuda':
+            self._host_newer = True
 
     @property
     def grad(self):
         """Copies of the accumulated gradients, same names as state_dict()."""
+        if self._gpu is not None:
+            self._params.flat_grad[...] = self._gpu.get_grads()
         return self._params.grad()
 
     def train(self, mode=True):
@@ -458,6 +475,22 @@ class CharLM:
 
     def zero_grad(self):
         self._params.flat_grad[...] = 0.0
+        if self._gpu is not None:
+            self._gpu.zero_grad()
+
+    def _gpu_for(self, B, T):
+        """The GPU model for this batch shape; a new shape makes a new one (and restarts AdamW)."""
+        if self._gpu is None or (self._gpu.B, self._gpu.T) != (B, T):
+            if self.training and self.dropout > 0:
+                raise ValueError("backend='cuda' does not implement dropout; use dropout=0 or eval()")
+            self._sync_from_gpu()
+            self._gpu = self._cuda.GpuLM(self.cell, self.vocab_size, self.embed_size, self.hidden_size,
+                                         self.num_layers, B, T)
+            self._host_newer = True
+        if self._host_newer:
+            self._gpu.set_params(self._params.flat)
+            self._host_newer = False
+        return self._gpu
 
     def __call__(self, inputs, targets=None, hx=None):
         return self.forward(inputs, targets, hx)
@@ -477,7 +510,13 @@ class CharLM:
         h0, c0 = _states(hx, 'hx', lstm, (L, B, H))
         self._cache = self.loss = self.dh0 = self.dc0 = None
         dropping = self.training and self.dropout > 0
-        if self._ptr is None:
+        if self.backend == 'cuda':
+            gpu = self._gpu_for(B, T)
+            loss = gpu.forward(inputs, targets, h0, c0)
+            self.logits = gpu.logits()
+            self.h_n, self.c_n = gpu.final_state()
+            self._cache = (B, T) if targets is not None else None
+        elif self._ptr is None:
             # copies: the oracle's cache keeps its inputs until backward (C copies them too)
             inputs, h0, c0 = (None if a is None else a.copy() for a in (inputs, h0, c0))
             self._masks = ([(self._rng.random((T, B, H)) >= self.dropout).astype(np.float32)
@@ -514,7 +553,10 @@ class CharLM:
         if self._cache is None:
             raise RuntimeError('backward needs a forward with targets first (and one backward per forward)')
         L, H = self.num_layers, self.hidden_size
-        if self._ptr is None:
+        if self.backend == 'cuda':
+            self._gpu.backward()
+            self.dh0, self.dc0 = self._gpu.dstate()
+        elif self._ptr is None:
             grads, dh0, dc0 = oracle.lm_backward(self._cache)
             for k, g in grads.items():
                 self._params.g[k] += g
@@ -537,6 +579,12 @@ class CharLM:
         if clip < 0:
             raise ValueError(f'max_grad_norm must be >= 0 or None, got {max_grad_norm!r}')
         b1, b2 = (float(b) for b in betas)
+        if self.backend == 'cuda':
+            if self._gpu is None:
+                raise RuntimeError('step needs a forward and backward first')
+            norm = self._gpu.step(lr, b1, b2, eps, weight_decay, clip)
+            self._gpu_newer = True
+            return norm
         if self._ptr is None:
             if self._adam is None:
                 self._adam = ({k: np.zeros_like(p) for k, p in self._params.p.items()},

@@ -113,17 +113,25 @@ def test_relu_rnn_cell_names():
         pyrnn.LSTM(3, H, backend='gpu')
 
 
-def test_cuda_backend_is_reserved():
+def test_cuda_backend_errors_are_clear():
+    """Without the GPU library: 'not built'. With it but no usable GPU: the CUDA error, at the first
+    forward. The layer API never takes 'cuda'."""
+    with pytest.raises(ValueError, match="backend='cuda' is for CharLM"):
+        pyrnn.GRU(3, H, backend='cuda')
     try:
         importlib.import_module('pyrnn._cuda')
     except ImportError:
-        expected = (RuntimeError, 'the cuda backend is not built')
-    else:  # built on this machine, but not wired into pyrnn.nn yet
-        expected = (NotImplementedError, "backend='cuda' is not wired")
-    with pytest.raises(expected[0], match=expected[1]):
-        pyrnn.CharLM('gru', V, E, H, backend='cuda')
-    with pytest.raises(expected[0], match=expected[1]):
-        pyrnn.GRU(3, H, backend='cuda')
+        with pytest.raises(RuntimeError, match='the cuda backend is not built'):
+            pyrnn.CharLM('gru', V, E, H, backend='cuda')
+        return
+    model = pyrnn.CharLM('gru', V, E, H, backend='cuda')
+    x = np.zeros((2, 3), np.int32)
+    try:
+        model.forward(x, x)
+    except RuntimeError as e:   # no GPU here: the message names the failing CUDA call
+        assert 'gpu_lm_new' in str(e) and 'cuda' in str(e).lower()
+    else:
+        pytest.skip('a GPU is present: the cuda backend is exercised by the GPU checks instead')
 
 
 @pytest.mark.parametrize('n', [0, -2, 1.5, True])
