@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
     check("h_n", m->h_n, r.h_n, bh, tolerance);
     if (lstm) check("c_n", m->c_n, r.c_n, bh, tolerance);
     model_zero_grad(m);
-    model_backward(m);
+    if (model_backward(m)) { fprintf(stderr, "error: %s\n", pyrnn_last_error()); return 1; }
     check_params("grad", m, m->grads, r.grads, tolerance);
     check("grad h0", m->dh0, r.dh0, bh, tolerance);
     if (lstm) check("grad c0", m->dc0, r.dc0, bh, tolerance);
@@ -75,11 +75,13 @@ int main(int argc, char** argv) {
     float* norms = (float*)malloc((r.n_steps + 1) * sizeof(float));
     memcpy(m->params, r.params, m->num_params * sizeof(float));
     for (int s = 0; s < r.n_steps; s++) {
-        model_forward(m, r.inputs, r.targets, r.h0, lstm ? r.c0 : NULL, r.B, r.T);
-        losses[s] = m->loss;
         model_zero_grad(m);
-        model_backward(m);
-        model_step(m, r.lr, r.beta1, r.beta2, r.eps, r.weight_decay, r.max_grad_norm, &norms[s]);
+        if (model_forward(m, r.inputs, r.targets, r.h0, lstm ? r.c0 : NULL, r.B, r.T) || model_backward(m) ||
+            model_step(m, r.lr, r.beta1, r.beta2, r.eps, r.weight_decay, r.max_grad_norm, &norms[s])) {
+            fprintf(stderr, "error: %s\n", pyrnn_last_error());
+            return 1;
+        }
+        losses[s] = m->loss;
     }
     if (r.n_steps > 0) {
         check("step losses", losses, r.step_losses, r.n_steps, tolerance);

@@ -464,6 +464,7 @@ typedef struct {
     int cell, input_size, hidden_size, n_layers, has_bias;
     float dropout;       // between layers, applied while training
     int training;
+    int dropped;         // whether the last forward applied dropout (backward must match it)
     uint64_t* rng;       // the owner's generator, for dropout masks
     // per-layer pointer tables into the parameter and gradient buffers
     float **w_ih, **w_hh, **b_ih, **b_hh;
@@ -546,9 +547,15 @@ static void stack_free(Stack* s) {
     s->zero_bias = s->zero_bias_grad = s->acts_memory = s->w_packed = NULL;
 }
 
+static int check_batch_shape(int B, int T) {
+    if (B <= 0 || T <= 0) return fail("batch size and sequence length must be positive, got B=%d T=%d", B, T);
+    if ((long long)B * T > (1LL << 30)) return fail("batch of B=%d x T=%d is too large", B, T);
+    return 0;
+}
+
 // (re)lays out the activation buffer for B x T; allocates only when the shape grows
 static int stack_reserve(Stack* s, int B, int T) {
-    if (B <= 0 || T <= 0) return fail("batch size and sequence length must be positive, got B=%d T=%d", B, T);
+    if (check_batch_shape(B, T)) return -1;
     int L = s->n_layers, H = s->hidden_size, In = s->input_size, G = cell_gates(s->cell);
     size_t GH = (size_t)G * H, bt = (size_t)B * T, bh = (size_t)B * H;
     int lstm = s->cell == CELL_LSTM, gru = s->cell == CELL_GRU;
@@ -571,8 +578,8 @@ static int stack_reserve(Stack* s, int B, int T) {
     if (bt > s->max_bt || (size_t)B > s->max_b || !s->acts_memory) {
         free(s->acts_memory);
         s->acts_memory = (float*)alloc_floats(total);
+        s->max_bt = s->max_b = 0;   // recorded only once everything below succeeded
         if (!s->acts_memory) return fail("out of memory for activations (B=%d T=%d)", B, T);
-        s->max_bt = bt; s->max_b = B;
         free(s->w_packed);
         s->w_packed = (float*)alloc_floats(packed_b_size((int)GH, (int)GH));
         if (!s->w_packed) return fail("out of memory for packed weights");
@@ -580,6 +587,7 @@ static int stack_reserve(Stack* s, int B, int T) {
         size_t in_max = (size_t)(In > H ? In : H);
         size_t shapes[] = { in_max, GH, bt, (size_t)H, bt, in_max, GH, in_max };
         if (matmul_reserve(shapes, 4)) return -1;
+        s->max_bt = bt; s->max_b = B;
     }
     s->B = B; s->T = T;
     float* parts[N_PARTS];
@@ -684,13 +692,14 @@ static int stack_forward_acts(Stack* s, const float* x, const float* h0, const f
     if (stack_reserve(s, B, T)) return -1;
     int L = s->n_layers, H = s->hidden_size;
     size_t bh = (size_t)B * H, bt = (size_t)B * T;
+    s->dropped = s->training && s->dropout > 0.0f;
     s->xin[0] = (float*)x;
     for (int l = 0; l < L; l++) {
         if (h0) memcpy(s->h[l], h0 + l * bh, bh * sizeof(float)); else memset(s->h[l], 0, bh * sizeof(float));
         if (s->cell == CELL_LSTM) {
             if (c0) memcpy(s->c[l], c0 + l * bh, bh * sizeof(float)); else memset(s->c[l], 0, bh * sizeof(float));
         }
-        if (l > 0 && s->training && s->dropout > 0.0f)
+        if (l > 0 && s->dropped)
             dropout_forward(s->xin[l], s->mask[l - 1], s->h[l - 1] + bh, bt * H, s->dropout, s->rng);
         layer_forward(s, l);
     }
@@ -705,7 +714,7 @@ static void stack_backward_acts(Stack* s, float* dx, float* dh0, float* dc0, con
         float* dxin = l > 0 ? s->dy : dx;   // dy is dead once layer l has used it
         layer_backward(s, l, dxin, dh0 ? dh0 + l * bh : NULL, dc0 ? dc0 + l * bh : NULL,
                        dh_n ? dh_n + l * bh : NULL, dc_n ? dc_n + l * bh : NULL);
-        if (l > 0 && s->training && s->dropout > 0.0f) dropout_backward(s->dy, s->mask[l - 1], bt * H);
+        if (l > 0 && s->dropped) dropout_backward(s->dy, s->mask[l - 1], bt * H);
     }
 }
 
@@ -755,7 +764,7 @@ Layer* layer_new(int cell, int input_size, int hidden_size, int n_layers, int ha
 // x (T, B, input_size) -> out (T, B, H), h_n / c_n (L, B, H); h0 / c0 may be NULL (zeros)
 int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float* x, const float* h0,
                       const float* c0, int B, int T) {
-    if (B <= 0 || T <= 0) return fail("batch size and sequence length must be positive, got B=%d T=%d", B, T);
+    if (check_batch_shape(B, T)) return -1;
     size_t n = (size_t)T * B * m->s.input_size;
     if (n > m->x_cap) {
         free(m->x);
@@ -802,7 +811,8 @@ typedef struct {
     float dropout;       // between layers and before the head, while training
     uint64_t rng;
     // activations of the last forward
-    int B, T, max_bt, max_b;
+    int B, T;
+    size_t max_bt, max_b;
     float* acts_memory;
     int* inputs;         // (B, T) copy of the last batch
     int* targets;        // (T, B) time-major copy, or NULL when no targets were given
@@ -875,17 +885,18 @@ void model_set_training(Model* m, int training, float dropout) {
 }
 
 static int model_reserve(Model* m, int B, int T) {
-    if (B <= 0 || T <= 0) return fail("batch size and sequence length must be positive, got B=%d T=%d", B, T);
+    if (check_batch_shape(B, T)) return -1;
     size_t bt = (size_t)B * T, V = m->config.vocab_size, E = m->config.embed_size, H = m->config.hidden_size;
     size_t lbh = (size_t)m->config.n_layers * B * H;
-    if ((int)bt > m->max_bt || B > m->max_b || !m->acts_memory) {
+    if (bt > m->max_bt || (size_t)B > m->max_b || !m->acts_memory) {
         free(m->acts_memory); free(m->inputs); free(m->targets);
         size_t total = 2 * bt * E + 2 * bt * H + bt * V + bt + 4 * lbh;
         m->acts_memory = (float*)alloc_floats(total);
         m->inputs = (int*)malloc(bt * sizeof(int));
         m->targets = (int*)malloc(bt * sizeof(int));
+        m->max_bt = m->max_b = 0;
         if (!m->acts_memory || !m->inputs || !m->targets) return fail("out of memory for activations (B=%d T=%d)", B, T);
-        m->max_bt = (int)bt; m->max_b = B;
+        m->max_bt = bt; m->max_b = B;
     }
     size_t shapes[] = { H, V, bt, H, V, H };   // op(B) of h W^T, dlogits^T h, dlogits W
     if (matmul_reserve(shapes, 3)) return -1;
@@ -923,7 +934,7 @@ int model_forward(Model* m, const int* inputs, const int* targets, const float* 
     embedding_forward(m->x, m->emb, inputs, B, T, m->config.embed_size);
     if (stack_forward_acts(&m->rnn, m->x, h0, c0, B, T)) return -1;
     const float* top = m->rnn.h[m->config.n_layers - 1] + (size_t)B * H;
-    if (m->rnn.training && m->dropout > 0.0f) dropout_forward(m->head_in, m->head_mask, top, bt * H, m->dropout, &m->rng);
+    if (m->rnn.dropped) dropout_forward(m->head_in, m->head_mask, top, bt * H, m->dropout, &m->rng);
     else memcpy(m->head_in, top, bt * H * sizeof(float));
     matmul(m->logits, m->head_in, H, 1, m->head_w, 1, H, (int)bt, V, H, 0);
     // bias, then log-sum-exp per row and the mean cross-entropy
@@ -960,7 +971,7 @@ int model_backward(Model* m) {
     matmul(m->dhead_w, m->logits, 1, V, m->head_in, H, 1, V, H, (int)bt, 1);
     colsum_accumulate(m->dhead_b, m->logits, bt, V);
     matmul(m->rnn.dy, m->logits, V, 1, m->head_w, H, 1, (int)bt, H, V, 0);
-    if (m->rnn.training && m->dropout > 0.0f) dropout_backward(m->rnn.dy, m->head_mask, bt * H);
+    if (m->rnn.dropped) dropout_backward(m->rnn.dy, m->head_mask, bt * H);
     stack_backward_acts(&m->rnn, m->dx, m->dh0, m->dc0, NULL, NULL);
     embedding_backward(m->demb, m->dx, m->inputs, B, T, m->config.embed_size);
     m->has_targets = 0;   // the logits now hold gradients
@@ -1187,7 +1198,9 @@ static int compare_floats_descending(const void* a, const void* b) {
     return (x < y) - (x > y);
 }
 
-static int sample_from_logits(const float* logits, int V, float temperature, int top_k, uint64_t* rng) {
+// scratch: V floats and V doubles
+static int sample_from_logits(const float* logits, int V, float temperature, int top_k, uint64_t* rng,
+                              float* sorted, double* probs) {
     if (temperature <= 0.0f) {   // argmax
         int best = 0;
         for (int v = 1; v < V; v++) if (logits[v] > logits[best]) best = v;
@@ -1195,14 +1208,13 @@ static int sample_from_logits(const float* logits, int V, float temperature, int
     }
     float threshold = -FLT_MAX;   // logits below the k-th largest are dropped
     if (top_k > 0 && top_k < V) {
-        float sorted[256];
         memcpy(sorted, logits, V * sizeof(float));
         qsort(sorted, V, sizeof(float), compare_floats_descending);
         threshold = sorted[top_k - 1];
     }
     float mx = -FLT_MAX;
     for (int v = 0; v < V; v++) if (logits[v] >= threshold && logits[v] > mx) mx = logits[v];
-    double probs[256], total = 0.0;
+    double total = 0.0;
     for (int v = 0; v < V; v++) {
         probs[v] = logits[v] >= threshold ? exp((double)(logits[v] - mx) / temperature) : 0.0;
         total += probs[v];
@@ -1219,14 +1231,16 @@ int model_sample(Model* m, int* out, const int* prime, int n_prime, int n, float
     int training = m->rnn.training;
     model_set_training(m, 0, m->dropout);
     size_t lh = (size_t)m->config.n_layers * m->config.hidden_size;
-    float* state = (float*)alloc_floats(2 * lh);
-    if (!state) return fail("out of memory");
+    int V = m->config.vocab_size;
+    float* state = (float*)alloc_floats(2 * lh + V);
+    double* probs = (double*)malloc(V * sizeof(double));
+    if (!state || !probs) { free(state); free(probs); return fail("out of memory"); }
     uint64_t rng = seed;
     int lstm = m->config.cell == CELL_LSTM, status = 0;
     if (model_forward(m, prime, NULL, NULL, NULL, 1, n_prime)) status = -1;
     const float* last = m->logits + (size_t)(n_prime - 1) * m->config.vocab_size;
     for (int i = 0; i < n && status == 0; i++) {
-        int tok = sample_from_logits(last, m->config.vocab_size, temperature, top_k, &rng);
+        int tok = sample_from_logits(last, V, temperature, top_k, &rng, state + 2 * lh, probs);
         out[i] = tok;
         memcpy(state, m->h_n, lh * sizeof(float));
         if (lstm) memcpy(state + lh, m->c_n, lh * sizeof(float));
@@ -1234,6 +1248,7 @@ int model_sample(Model* m, int* out, const int* prime, int n_prime, int n, float
         last = m->logits;
     }
     free(state);
+    free(probs);
     model_set_training(m, training, m->dropout);
     return status;
 }
@@ -1577,6 +1592,11 @@ static int parse_flags(Flag* flags, int n, int argc, char** argv) {
     return 0;
 }
 
+static int given(const Flag* flags, int n, char flag) {
+    for (int i = 0; i < n; i++) if (flags[i].flag == flag) return flags[i].given;
+    return 0;
+}
+
 static int cell_from_name(const char* name) {
     for (int i = 0; i < 4; i++) if (strcmp(name, cell_names[i]) == 0) return i;
     return -1;
@@ -1622,7 +1642,8 @@ static double now_ms(void) {
     return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
-// mean loss over every batch of the val split, state carried from zeros like training
+// mean loss over every batch of the val split, in the char-rnn stream layout, the state starting at
+// zeros and carried across batches
 static int evaluate(float* val_loss, const Backend* be, void* run, const TokenFile* val, int B, int T, int* inputs,
                     int* targets, float* h, float* c, size_t lbh) {
     DataLoader d;
@@ -1749,8 +1770,8 @@ int train_main(int argc, char** argv, const Backend* be) {
             TRY(checkpoint_load(&ck, ck_path));
             Config k = ck.config;
             // flags given explicitly must agree with the checkpoint; the rest come from it
-            if ((flags[3].given && k.cell != cfg.cell) || (flags[4].given && k.n_layers != cfg.n_layers) ||
-                (flags[5].given && k.embed_size != cfg.embed_size) || (flags[6].given && k.hidden_size != cfg.hidden_size)) {
+            if ((given(flags, n_flags, 'c') && k.cell != cfg.cell) || (given(flags, n_flags, 'L') && k.n_layers != cfg.n_layers) ||
+                (given(flags, n_flags, 'E') && k.embed_size != cfg.embed_size) || (given(flags, n_flags, 'H') && k.hidden_size != cfg.hidden_size)) {
                 fail("%s holds a %s model with L=%d E=%d H=%d, which does not match the flags given", ck_path,
                      cell_names[k.cell], k.n_layers, k.embed_size, k.hidden_size);
                 goto error;
@@ -1761,12 +1782,21 @@ int train_main(int argc, char** argv, const Backend* be) {
                 goto error;
             }
             if (ck.B > 0 && (ck.B != a.B || ck.T != a.T)) {
-                if (flags[7].given || flags[8].given) {
+                if (given(flags, n_flags, 'b') || given(flags, n_flags, 't')) {
                     fail("%s was trained with -b %d -t %d; resuming needs the same stream layout", ck_path, ck.B, ck.T);
                     goto error;
                 }
                 a.B = ck.B; a.T = ck.T;
             }
+            // so does the carried-state mode, which decides what the data position means
+            if (ck.B > 0 && ck.carry != a.carry) {
+                if (given(flags, n_flags, 'C')) {
+                    fail("%s was trained with -C %d; resuming needs the same -C", ck_path, ck.carry);
+                    goto error;
+                }
+                a.carry = ck.carry;
+            }
+            TRY(check_args(&a));   // what came from the file obeys the same limits as flags
             cfg = k;
             start_step = ck.step;
             printf("resuming from %s at step %d\n", ck_path, ck.step);
@@ -1790,10 +1820,10 @@ int train_main(int argc, char** argv, const Backend* be) {
         if (!run) goto error;
         if (a.resume[0]) {
             TRY(be->set_params(run, ck.params, ck.m, ck.v, ck.adam_t, ck.rng));
-            if (ck.B == a.B && ck.T == a.T && a.carry) {
-                TRY(be->set_state(run, ck.h, ck.c));
+            if (ck.B == a.B && ck.T == a.T) {   // same stream layout: continue where it stopped
+                TRY(be->set_state(run, a.carry ? ck.h : NULL, a.carry ? ck.c : NULL));
                 loader.pos = (long)(ck.data_pos % loader.n_batches);
-            } else {
+            } else {                            // saved without a layout (B = 0): start of the data
                 TRY(be->set_state(run, NULL, NULL));
             }
         } else {
@@ -1829,14 +1859,15 @@ int train_main(int argc, char** argv, const Backend* be) {
                          a.out_dir);
                     goto error;
                 }
+                // the end-of-step work below (eval, sample, checkpoint) still happens on schedule
                 printf("step %d: non-finite %s, update skipped and state reset\n", step + 1, isfinite(loss) ? "gradient" : "loss");
                 TRY(be->set_state(run, NULL, NULL));
-                continue;
+            } else {
+                printf("step %5d/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s\n", step + 1, a.max_steps,
+                       loss, norm, sp.lr, ms, bt / (ms / 1e3));
+                fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"grad_norm\": %.6f, \"lr\": %.6g, \"ms\": %.3f, "
+                        "\"tok_s\": %.1f}\n", step + 1, loss, norm, sp.lr, ms, bt / (ms / 1e3));
             }
-            printf("step %5d/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s\n", step + 1, a.max_steps, loss,
-                   norm, sp.lr, ms, bt / (ms / 1e3));
-            fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"grad_norm\": %.6f, \"lr\": %.6g, \"ms\": %.3f, \"tok_s\": %.1f}\n",
-                    step + 1, loss, norm, sp.lr, ms, bt / (ms / 1e3));
             int last = step + 1 == a.max_steps;
             if (have_val && ((a.eval_every && (step + 1) % a.eval_every == 0) || last)) {
                 TRY(evaluate(&val_loss, be, run, &val, a.B, a.T, inputs, targets, h, c, lbh));

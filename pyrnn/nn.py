@@ -479,8 +479,11 @@ class CharLM:
             self._gpu.zero_grad()
 
     def _gpu_for(self, B, T):
-        """The GPU model for this batch shape; a new shape makes a new one (and restarts AdamW)."""
+        """The GPU model for this batch shape (cuDNN descriptors are per shape)."""
         if self._gpu is None or (self._gpu.B, self._gpu.T) != (B, T):
+            if self._gpu_newer:   # a new GpuLM starts with fresh AdamW moments: never drop them silently
+                raise ValueError(f"backend='cuda' trains at one batch shape: this model took steps at "
+                                 f"{(self._gpu.B, self._gpu.T)}, not {(B, T)}; save() and load() to change it")
             if self.training and self.dropout > 0:
                 raise ValueError("backend='cuda' does not implement dropout; use dropout=0 or eval()")
             self._sync_from_gpu()
@@ -604,7 +607,8 @@ class CharLM:
 
     def save(self, path, vocab=None):
         """Writes a checkpoint train_cpu can sample from or resume (docs/formats.md): parameters,
-        AdamW state when a step was taken, and vocab (bytes; default: byte i for token i)."""
+        AdamW state when a step was taken (C and numpy backends), and vocab (bytes; default: byte i
+        for token i)."""
         from .checkpoint import write_checkpoint
         vocab = bytes(range(self.vocab_size)) if vocab is None else bytes(vocab)
         if len(vocab) != self.vocab_size:
@@ -633,6 +637,10 @@ class CharLM:
     def sample(self, prime, length, temperature=1.0, top_k=0, seed=0):
         """Feeds the prime token ids through the network, then draws `length` tokens, carrying the
         state. temperature <= 0 takes the argmax; top_k > 0 keeps the k most likely."""
+        if self.backend == 'cuda':   # one token at a time: the CPU is the right place, and shapes stay put
+            cpu = CharLM(self.cell, self.vocab_size, self.embed_size, self.hidden_size, self.num_layers)
+            cpu.load_state_dict(self.state_dict())
+            return cpu.sample(prime, length, temperature, top_k, seed)
         prime = _tokens(np.asarray(prime).reshape(1, -1), 'prime', self.vocab_size)
         if prime.size < 1:
             raise ValueError('prime needs at least one token')

@@ -209,3 +209,49 @@ def test_torch_round_trip(cell):
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(back.state_dict()[k], v)
     assert abs(back.forward(x, y) - loss) <= 1e-6 * abs(loss)
+
+
+# -- regressions from review --------------------------------------------------------------------
+
+def test_resume_independent_windows_is_bit_identical_and_mode_must_match(train_cpu, corpus, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run([train_cpu, *small_flags(corpus, a, "-n", "10", "-k", "5", "-C", "0")]).returncode == 0
+    assert run([train_cpu, *small_flags(corpus, b, "-n", "5", "-C", "0")]).returncode == 0
+    r = run([train_cpu, *small_flags(corpus, b, "-n", "10", "-r", "latest")])   # -C comes from the checkpoint
+    assert r.returncode == 0, r.stderr
+    assert losses(a / "log.jsonl") == losses(b / "log.jsonl")
+    assert (a / "ckpt_00000010.bin").read_bytes() == (b / "ckpt_00000010.bin").read_bytes()
+    r = run([train_cpu, *small_flags(corpus, b, "-n", "12", "-r", "latest", "-C", "1")])
+    assert r.returncode == 1 and "resuming needs the same -C" in r.stderr
+
+
+def test_nonfinite_skip_on_last_step_still_checkpoints(train_cpu, corpus, tmp_path):
+    out = tmp_path / "skip"
+    r = run([train_cpu, *small_flags(corpus, out, "-n", "4", "-N", "skip")],
+            env=dict(os.environ, PYRNN_FAULT_NAN_GRAD_STEP="4"))
+    assert r.returncode == 0, r.stderr
+    assert "step 4: non-finite gradient, update skipped" in r.stdout
+    ck = checkpoint.read_checkpoint(out / "ckpt_00000004.bin")
+    assert ck["step"] == 4 and ck["adam_t"] == 3 and "final val loss" in r.stdout
+
+
+def test_dropout_masks_follow_forward_not_backward_mode():
+    """eval() between forward and backward must not change which masks backward applies."""
+    x = np.random.default_rng(0).integers(0, 9, (3, 5))
+    grads = []
+    for switch in (False, True):
+        m = pyrnn.CharLM("gru", 9, 4, 6, 2, seed=4, dropout=0.5)
+        m.forward(x, x)
+        if switch:
+            m.eval()
+        m.zero_grad()
+        m.backward()
+        grads.append(m.grad)
+    for k in grads[0]:
+        np.testing.assert_array_equal(grads[0][k], grads[1][k], err_msg=k)
+
+
+def test_sampling_a_vocabulary_larger_than_bytes():
+    m = pyrnn.CharLM("rnn", 300, 4, 8, seed=0)
+    out = m.sample([299], 50, temperature=1.0, top_k=280, seed=1)
+    assert out.shape == (50,) and out.min() >= 0 and out.max() < 300
