@@ -130,7 +130,7 @@ static inline __attribute__((always_inline)) void matmul_tile(float* c, long ldc
                                                               long a_cs, const float* bp, int kc, int mr, int nr,
                                                               int accumulate) {
     vec16 acc[MR][2];
-    memset(acc, 0, sizeof(acc));
+    for (int i = 0; i < MR; i++) { acc[i][0] = (vec16){ 0 }; acc[i][1] = acc[i][0]; }   // in registers, not a memset call
     const float* rows[MR];
     for (int i = 0; i < MR; i++) rows[i] = a + (i < mr ? i : 0) * a_rs;
     for (int k = 0; k < kc; k++) {
@@ -144,9 +144,20 @@ static inline __attribute__((always_inline)) void matmul_tile(float* c, long ldc
     }
     for (int i = 0; i < mr; i++) {
         float* ci = c + (long)i * ldc;
-        const float* ri = (const float*)acc[i];
-        if (accumulate) { for (int j = 0; j < nr; j++) ci[j] += ri[j]; }
-        else { for (int j = 0; j < nr; j++) ci[j] = ri[j]; }
+        if (nr == NR) {   // whole rows as unaligned vectors (fixed-size memcpy compiles to vmovups)
+            vec16 c0 = acc[i][0], c1 = acc[i][1];
+            if (accumulate) {
+                vec16 o0, o1;
+                memcpy(&o0, ci, sizeof(o0)); memcpy(&o1, ci + 16, sizeof(o1));
+                c0 += o0; c1 += o1;
+            }
+            memcpy(ci, &c0, sizeof(c0)); memcpy(ci + 16, &c1, sizeof(c1));
+        } else {
+            float r[NR];
+            memcpy(r, &acc[i][0], sizeof(acc[i][0])); memcpy(r + 16, &acc[i][1], sizeof(acc[i][1]));
+            if (accumulate) { for (int j = 0; j < nr; j++) ci[j] += r[j]; }
+            else { for (int j = 0; j < nr; j++) ci[j] = r[j]; }
+        }
     }
 }
 
