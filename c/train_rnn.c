@@ -1647,6 +1647,24 @@ static float lr_at(const TrainArgs* a, int step) {
     return min_lr + 0.5f * (a->lr - min_lr) * (1.0f + cosf(3.14159265f * progress));
 }
 
+// mkdir -p: the output directory and any missing parents
+static int make_dirs(const char* path) {
+    char p[4096];
+    if (snprintf(p, sizeof(p), "%s", path) >= (int)sizeof(p)) return fail("-o %s: path too long", path);
+    for (char* q = p + 1;; q++) {
+        int end = *q == 0;
+        if (*q == '/' || end) {
+            *q = 0;
+            if (mkdir(p, 0755) != 0 && errno != EEXIST) return fail("-o %s: cannot create %s: %s", path, p, strerror(errno));
+            if (end) break;
+            *q = '/';
+        }
+    }
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode)) return fail("-o %s: not a directory", path);
+    return 0;
+}
+
 static double now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -1816,7 +1834,7 @@ int train_main(int argc, char** argv, const Backend* be) {
         DataLoader loader;
         TRY(loader_init(&loader, &train, a.B, a.T, "train"));
         if (have_val) { DataLoader probe; TRY(loader_init(&probe, &val, a.B, a.T, "val")); }
-        if (mkdir(a.out_dir, 0755) != 0 && errno != EEXIST) { fail("-o %s: cannot create: %s", a.out_dir, strerror(errno)); goto error; }
+        TRY(make_dirs(a.out_dir));
         snprintf(path, sizeof(path), "%s/log.jsonl", a.out_dir);
         log = fopen(path, a.resume[0] ? "a" : "w");
         if (!log) { fail("-o %s: cannot write %s: %s", a.out_dir, path, strerror(errno)); goto error; }
