@@ -717,7 +717,7 @@ static int stack_forward_acts(Stack* s, const float* x, const float* h0, const f
     return 0;
 }
 
-// dy must hold dL/d(top output); dx may be NULL only when the caller does not need it
+// dy must hold dL/d(top output); dx receives dL/dx (T, B, input_size)
 static void stack_backward_acts(Stack* s, float* dx, float* dh0, float* dc0, const float* dh_n, const float* dc_n) {
     int L = s->n_layers, H = s->hidden_size;
     size_t bh = (size_t)s->B * H, bt = (size_t)s->B * s->T;
@@ -1426,7 +1426,7 @@ typedef struct { float lr, beta1, beta2, eps, weight_decay, max_grad_norm; } Ste
 
 typedef struct {
     const char* name;
-    void* (*create)(Config c, int B, int T, float dropout, uint64_t seed);
+    void* (*create)(Config c, int B, int T, float dropout);
     void (*destroy)(void* self);
     // flat parameters (torch order) and AdamW state to / from host buffers; m, v may be NULL
     int (*set_params)(void* self, const float* params, const float* m, const float* v, int adam_t, uint64_t rng);
@@ -1452,7 +1452,7 @@ static void cpu_destroy(void* self) {
     model_free(r->m); free(r->h); free(r->c); free(r);
 }
 
-static void* cpu_create(Config c, int B, int T, float dropout, uint64_t seed) {
+static void* cpu_create(Config c, int B, int T, float dropout) {
     CpuRun* r = (CpuRun*)calloc(1, sizeof(CpuRun));
     if (!r) { fail("out of memory"); return NULL; }
     size_t lbh = (size_t)c.n_layers * B * c.hidden_size;
@@ -1461,8 +1461,7 @@ static void* cpu_create(Config c, int B, int T, float dropout, uint64_t seed) {
     r->c = (float*)alloc_floats(lbh);
     r->B = B; r->T = T;
     if (!r->m || !r->h || !r->c) { if (r->m) fail("out of memory"); cpu_destroy(r); return NULL; }
-    model_set_training(r->m, 1, dropout);
-    r->m->rng = seed;
+    model_set_training(r->m, 1, dropout);   // the dropout generator's state arrives with set_params
     const char* fault = getenv("PYRNN_FAULT_NAN_GRAD_STEP");
     r->fault_nan_step = fault ? atoi(fault) : 0;
     return r;
@@ -1845,7 +1844,7 @@ int train_main(int argc, char** argv, const Backend* be) {
         inputs = (int*)malloc(bt * sizeof(int)); targets = (int*)malloc(bt * sizeof(int));
         sampler = model_new(cfg);
         if (!params || !m || !v || !h || !c || !inputs || !targets || !sampler) { fail("out of memory"); goto error; }
-        run = be->create(cfg, a.B, a.T, a.dropout, (uint64_t)a.seed);
+        run = be->create(cfg, a.B, a.T, a.dropout);
         if (!run) goto error;
         if (a.resume[0]) {
             TRY(be->set_params(run, ck.params, ck.m, ck.v, ck.adam_t, ck.rng));

@@ -83,8 +83,7 @@ int main(int argc, char** argv) {
     check("loss", &loss, r.loss, 1, tolerance);
     check("h_n", h_n, r.h_n, bh, tolerance);
     if (lstm) check("c_n", c_n, r.c_n, bh, tolerance);
-    gpu_lm_zero_grad(g);
-    if (gpu_lm_backward(g) || gpu_lm_get_grads(g, grads) || gpu_lm_get_dstate(g, dh0, lstm ? dc0 : NULL)) return die();
+    if (gpu_lm_zero_grad(g) || gpu_lm_backward(g) || gpu_lm_get_grads(g, grads) || gpu_lm_get_dstate(g, dh0, lstm ? dc0 : NULL)) return die();
     check_params("grad", &c, grads, r.grads, tolerance);
     check("grad h0", dh0, r.dh0, bh, tolerance);
     if (lstm) check("grad c0", dc0, r.dc0, bh, tolerance);
@@ -93,8 +92,7 @@ int main(int argc, char** argv) {
     if (gpu_lm_set_params(g, r.params)) return die();
     for (int s = 0; s < r.n_steps; s++) {
         if (gpu_lm_forward(g, &losses[s], r.inputs, r.targets, r.h0, c0)) return die();
-        gpu_lm_zero_grad(g);
-        if (gpu_lm_backward(g)) return die();
+        if (gpu_lm_zero_grad(g) || gpu_lm_backward(g)) return die();
         if (gpu_lm_step(g, &norms[s], r.lr, r.beta1, r.beta2, r.eps, r.weight_decay, r.max_grad_norm)) return die();
     }
     if (r.n_steps > 0) {

@@ -223,7 +223,6 @@ typedef struct {
     Config config;
     int B, T, G, tf32;
     size_t num_params, n_emb, lbh;                  // P, V*E, L*B*H
-    float dropout;
     uint64_t rng;                                    // kept for checkpoints; no dropout masks to draw
     int adam_t;
     cudaStream_t stream;
@@ -383,8 +382,9 @@ static int gpu_lm_init(GpuLM* g, Config c, int B, int T, int tf32, int algo) {
     int V = c.vocab_size, E = c.embed_size, H = c.hidden_size, L = c.n_layers;
     size_t P = g->num_params, bt = (size_t)B * T;
 
-    int n_dev = 0;
+    int n_dev = 0;   // first CUDA call: a machine without a usable GPU fails here, with a clear message
     CUDA_CHECK(cudaGetDeviceCount(&n_dev));
+    if (n_dev < 1) return fail("no CUDA device found");
     CUDA_CHECK(cudaStreamCreate(&g->stream));
     CUDNN_CHECK(cudnnCreate(&g->dnn));
     CUDNN_CHECK(cudnnSetStream(g->dnn, g->stream));
@@ -647,13 +647,12 @@ static int gpu_set_params(GpuLM* g, const float* params, const float* m, const f
 static int gpu_math_tf32 = 0;                        // --math tf32
 static int gpu_rnn_algo = CUDNN_RNN_ALGO_STANDARD;   // --cudnn-algo
 
-static void* gb_create(Config c, int B, int T, float dropout, uint64_t seed) {
+static void* gb_create(Config c, int B, int T, float dropout) {
     if (dropout > 0.0f) {
         fail("the GPU trainer does not implement dropout (asked for %g): train with dropout 0, or on the CPU", (double)dropout);
         return NULL;
     }
     GpuLM* g = gpu_lm_create(c, B, T, gpu_math_tf32, gpu_rnn_algo);
-    if (g) { g->dropout = dropout; g->rng = seed; }
     return g;
 }
 
@@ -843,7 +842,7 @@ int gpu_lm_get_dstate(void* self, float* dh0, float* dc0) {
     return 0;
 }
 
-void gpu_lm_zero_grad(void* self) { gpu_zero_grad((GpuLM*)self); }
+int gpu_lm_zero_grad(void* self) { return gpu_zero_grad((GpuLM*)self); }
 
 // clip to max_norm (0 = off) and one AdamW step; grad_norm gets the norm before clipping. A
 // non-finite norm skips the update (parameters, moments and step count stay as they were).

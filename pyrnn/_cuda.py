@@ -16,6 +16,8 @@ import os
 import numpy as np
 from cffi import FFI
 
+from .oracle import CELLS, lm_param_shapes
+
 CDEF = """
 void* gpu_lm_new(int cell, int V, int E, int H, int L, int B, int T, int tf32);
 void gpu_lm_free(void* self);
@@ -28,13 +30,11 @@ int gpu_lm_get_logits(void* self, float* logits);
 int gpu_lm_get_final_state(void* self, float* h_n, float* c_n);
 int gpu_lm_backward(void* self);
 int gpu_lm_get_dstate(void* self, float* dh0, float* dc0);
-void gpu_lm_zero_grad(void* self);
+int gpu_lm_zero_grad(void* self);
 int gpu_lm_step(void* self, float* grad_norm, float lr, float beta1, float beta2, float eps, float weight_decay,
                 float max_norm);
 """
 
-CELLS = ('rnn', 'rnn_relu', 'lstm', 'gru')
-GATES = {'rnn': 1, 'rnn_relu': 1, 'lstm': 4, 'gru': 3}
 
 
 def library_path():
@@ -72,9 +72,7 @@ def _check(status, what):
 
 
 def num_params(cell, V, E, H, L):
-    G = GATES[cell]
-    rnn = sum(G * H * (E if l == 0 else H) + G * H * H + 2 * G * H for l in range(L))
-    return V * E + rnn + V * H + V
+    return sum(int(np.prod(s)) for s in lm_param_shapes(cell, V, E, H, L).values())
 
 
 class GpuLM:
@@ -172,7 +170,7 @@ class GpuLM:
         return h.reshape(shape), (c.reshape(shape) if c is not None else None)
 
     def zero_grad(self):
-        lib.gpu_lm_zero_grad(self._ptr)
+        _check(lib.gpu_lm_zero_grad(self._ptr), 'zero_grad')
 
     def backward(self):
         _check(lib.gpu_lm_backward(self._ptr), 'backward')
