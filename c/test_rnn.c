@@ -7,37 +7,8 @@ the same batch and prints one line per tensor. Exits non-zero on any mismatch.
 #include "train_rnn.c"
 #include "reference.h"
 
-static int n_failed = 0;
 static float tolerance = 1e-5f;
 
-// relative error ||a - b|| / ||b||, with the max abs diff for the eye
-static void check(const char* name, const float* a, const float* b, size_t n, float tol) {
-    double diff2 = 0.0, ref2 = 0.0, maxabs = 0.0;
-    int finite = 1;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)a[i] - (double)b[i];
-        if (!isfinite(a[i])) finite = 0;
-        diff2 += d * d;
-        ref2 += (double)b[i] * b[i];
-        if (fabs(d) > maxabs) maxabs = fabs(d);
-    }
-    double rel = ref2 > 0.0 ? sqrt(diff2 / ref2) : sqrt(diff2);
-    int ok = finite && rel <= tol;
-    if (!ok) n_failed++;
-    printf("%-24s n=%-8zu max abs diff %.3e  rel err %.3e  %s\n", name, n, maxabs, rel, ok ? "OK" : "NOT OK");
-}
-
-// one line per parameter tensor, in state_dict order
-static void check_params(const char* what, const Model* m, const float* a, const float* b, float tol) {
-    char name[128];
-    for (int i = 0; i < model_tensor_count(&m->config); i++) {
-        size_t off, n;
-        model_tensor_info(&m->config, i, name, sizeof(name), &off, &n);
-        char label[160];
-        snprintf(label, sizeof(label), "%s %s", what, name);
-        check(label, a + off, b + off, n, tol);
-    }
-}
 
 int main(int argc, char** argv) {
     if (argc < 2) { fprintf(stderr, "usage: %s REFERENCE_FILE [-tol X]\n", argv[0]); return 2; }
@@ -66,7 +37,7 @@ int main(int argc, char** argv) {
     if (lstm) check("c_n", m->c_n, r.c_n, bh, tolerance);
     model_zero_grad(m);
     if (model_backward(m)) { fprintf(stderr, "error: %s\n", pyrnn_last_error()); return 1; }
-    check_params("grad", m, m->grads, r.grads, tolerance);
+    check_params("grad", &m->config, m->grads, r.grads, tolerance);
     check("grad h0", m->dh0, r.dh0, bh, tolerance);
     if (lstm) check("grad c0", m->dc0, r.dc0, bh, tolerance);
 
@@ -86,7 +57,7 @@ int main(int argc, char** argv) {
     if (r.n_steps > 0) {
         check("step losses", losses, r.step_losses, r.n_steps, tolerance);
         check("step grad norms", norms, r.step_norms, r.n_steps, tolerance);
-        check_params("after steps", m, m->params, r.params_after, tolerance);
+        check_params("after steps", &m->config, m->params, r.params_after, tolerance);
     }
     free(losses); free(norms);
     model_free(m);

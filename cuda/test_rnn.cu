@@ -10,36 +10,6 @@ passing (expect ~1e-3).
 #include "train_rnn.cu"
 #include "../c/reference.h"
 
-static int n_failed = 0;
-
-// relative error ||a - b|| / ||b||, with the max abs diff for the eye
-static void check(const char* name, const float* a, const float* b, size_t n, float tol) {
-    double diff2 = 0.0, ref2 = 0.0, maxabs = 0.0;
-    int finite = 1;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)a[i] - (double)b[i];
-        if (!isfinite(a[i])) finite = 0;
-        diff2 += d * d;
-        ref2 += (double)b[i] * b[i];
-        if (fabs(d) > maxabs) maxabs = fabs(d);
-    }
-    double rel = ref2 > 0.0 ? sqrt(diff2 / ref2) : sqrt(diff2);
-    int ok = finite && rel <= tol;
-    if (!ok) n_failed++;
-    printf("%-24s n=%-8zu max abs diff %.3e  rel err %.3e  %s\n", name, n, maxabs, rel, ok ? "OK" : "NOT OK");
-}
-
-// one line per parameter tensor, in state_dict order
-static void check_params(const char* what, const Config* c, const float* a, const float* b, float tol) {
-    char name[128];
-    for (int i = 0; i < model_tensor_count(c); i++) {
-        size_t off, n;
-        model_tensor_info(c, i, name, sizeof(name), &off, &n);
-        char label[160];
-        snprintf(label, sizeof(label), "%s %s", what, name);
-        check(label, a + off, b + off, n, tol);
-    }
-}
 
 static int die(void) {
     fprintf(stderr, "error: %s\n", pyrnn_last_error());

@@ -4,8 +4,9 @@ measured back to back in one run on the same machine and thread count.
     python -m pyrnn bench [--threads 2] [--configs small medium large] [--out bench.json]
 
 Each measurement runs in its own process, so peak resident memory is per implementation, and the
-implementations take turns over several rounds (the machine drifts over minutes); each figure is the
-median over rounds of a median over steps. A step is forward, backward, global-norm clipping and
+implementations take turns over several rounds (the machine drifts over minutes); tokens/s is the
+median over rounds of a median over steps, and the ratio to torch is the median of the per-round
+ratios, each against torch's measurement of the same round. A step is forward, backward, global-norm clipping and
 AdamW; FLOPs count 3x the forward GEMMs. The machine's float32 GEMM rate through numpy is the
 ceiling; torch's matmul rate is reported beside it.
 """
@@ -135,7 +136,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--repeats", type=int, default=15, help="timed steps per measurement")
-    p.add_argument("--rounds", type=int, default=3, help="turns each implementation takes")
+    p.add_argument("--rounds", type=int, default=5, help="turns each implementation takes")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy oracle")
     p.add_argument("--out", default="bench.json")
@@ -174,19 +175,26 @@ def main(argv=None):
     for config in args.configs:
         for cell in CONFIGS[config][5]:
             runs = {impl: [] for impl in impls}
-            for _ in range(args.rounds):   # take turns, so drift hits every implementation alike
+            for k in range(args.rounds):   # take turns, so drift hits every implementation alike
                 for impl in impls:
+                    if impl == "numpy" and k > 0:
+                        continue   # the oracle is a reference point, not a target: one round
                     reps = max(3, args.repeats // 5) if impl == "numpy" else args.repeats
                     runs[impl].append(measure(impl, config, cell, args.threads, 1 if impl == "numpy" else args.warmup, reps))
             row = {}
             for impl, rs in runs.items():
-                rs.sort(key=lambda r: r["tok_s"])
-                row[impl] = dict(rs[len(rs) // 2], peak_rss_mb=max(r["peak_rss_mb"] for r in rs),
+                by_speed = sorted(rs, key=lambda r: r["tok_s"])
+                row[impl] = dict(by_speed[len(rs) // 2], peak_rss_mb=max(r["peak_rss_mb"] for r in rs),
                                  train_rss_mb=max(r["train_rss_mb"] for r in rs),
                                  tok_s_rounds=[round(r["tok_s"]) for r in rs])
+                # the ratio is paired: each round's measurement against torch's of the same round
+                if "torch" in runs:
+                    n = min(len(rs), len(runs["torch"]))
+                    ratios = sorted(rs[i]["tok_s"] / runs["torch"][i]["tok_s"] for i in range(n))
+                    row[impl]["x_torch"] = ratios[len(ratios) // 2]
+                    row[impl]["x_torch_rounds"] = [round(x, 2) for x in ratios]
             for impl, r in row.items():
-                ratio = r["tok_s"] / row["torch"]["tok_s"] if "torch" in row else float("nan")
-                r["x_torch"] = ratio
+                ratio = r.get("x_torch", float("nan"))
                 r["pct_peak"] = 100 * r["gflops"] / ceiling
                 print(f"{config:7} {cell:5} {impl:6} {r['tok_s']:9.0f} {ratio:8.2f} {r['gflops']:8.1f} "
                       f"{r['pct_peak']:6.0f}% {r['peak_rss_mb']:8.0f} {r['train_rss_mb']:8.0f}")
