@@ -580,7 +580,7 @@ static int stack_reserve(Stack* s, int B, int T) {
         (size_t)B * GH,                           // gh
         bt * GH,                                  // dgates
         gru ? bt * GH : 0,                        // dgates_h
-        bt * (In > H ? In : H),                   // dy
+        bt * H,                                   // dy: layer l's output grad, then l-1's (layer 0's goes to dx)
         bh, bh,                                   // dh, dc
     };
     enum { N_PARTS = sizeof(sizes) / sizeof(sizes[0]) };
@@ -592,7 +592,8 @@ static int stack_reserve(Stack* s, int B, int T) {
         s->max_bt = s->max_b = 0;   // recorded only once everything below succeeded
         if (!s->acts_memory) return fail("out of memory for activations (B=%d T=%d)", B, T);
         free(s->w_packed);
-        s->w_packed = (float*)alloc_floats(packed_b_size((int)GH, (int)GH));
+        size_t fwd = packed_b_size(H, (int)GH), bwd = packed_b_size((int)GH, H);   // W_hh^T, then W_hh
+        s->w_packed = (float*)alloc_floats(fwd > bwd ? fwd : bwd);
         if (!s->w_packed) return fail("out of memory for packed weights");
         // op(B) of x W_ih^T, dY^T h, dY^T x, dY W_ih, for layer inputs of width In (layer 0) and H
         size_t in_max = (size_t)(In > H ? In : H);

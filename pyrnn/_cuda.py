@@ -160,14 +160,17 @@ class GpuLM:
         _check(lib.gpu_lm_get_logits(self._ptr, buf), 'logits')
         return a.reshape(self.T, self.B, self.V)
 
-    def final_state(self):
-        """(h_n, c_n), each (L, B, H); c_n is None unless LSTM."""
-        n = self.L * self.B * self.H
+    def _state_pair(self, getter, what):
+        """(h-like, c-like), each (L, B, H), from a C getter; the second is None unless LSTM."""
+        n, shape = self.L * self.B * self.H, (self.L, self.B, self.H)
         h, hb = self._out(n)
         c, cb = self._out(n) if self.cell == 'lstm' else (None, ffi.NULL)
-        _check(lib.gpu_lm_get_final_state(self._ptr, hb, cb), 'final_state')
-        shape = (self.L, self.B, self.H)
+        _check(getter(self._ptr, hb, cb), what)
         return h.reshape(shape), (c.reshape(shape) if c is not None else None)
+
+    def final_state(self):
+        """(h_n, c_n); c_n is None unless LSTM."""
+        return self._state_pair(lib.gpu_lm_get_final_state, 'final_state')
 
     def zero_grad(self):
         _check(lib.gpu_lm_zero_grad(self._ptr), 'zero_grad')
@@ -177,12 +180,7 @@ class GpuLM:
 
     def dstate(self):
         """(dh0, dc0) of the last backward; dc0 is None unless LSTM."""
-        n = self.L * self.B * self.H
-        h, hb = self._out(n)
-        c, cb = self._out(n) if self.cell == 'lstm' else (None, ffi.NULL)
-        _check(lib.gpu_lm_get_dstate(self._ptr, hb, cb), 'dstate')
-        shape = (self.L, self.B, self.H)
-        return h.reshape(shape), (c.reshape(shape) if c is not None else None)
+        return self._state_pair(lib.gpu_lm_get_dstate, 'dstate')
 
     def step(self, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, max_norm=0.0):
         """Global-norm clip (max_norm 0 = off) and one AdamW step; returns the norm before clipping."""
