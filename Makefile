@@ -1,9 +1,10 @@
 # pyrnn: `make train` runs the main job, `make test` installs what the tests need and runs them.
 PYTHON ?= python3
 CC ?= cc
-# -O3 -march=native and OpenMP when the compiler takes them, plain -O2 otherwise
+# -O3 -march=native and OpenMP when the compiler takes them, plain -O2 otherwise; we never read errno,
+# and without -fno-math-errno a sqrtf call keeps the AdamW loop scalar
 try_flag = $(shell echo 'int main(void){return 0;}' | $(CC) $(1) -x c - -o /dev/null 2>/dev/null && echo $(1))
-OPT := $(or $(call try_flag,-O3 -march=native),$(call try_flag,-O3),-O2)
+OPT := $(or $(call try_flag,-O3 -march=native),$(call try_flag,-O3),-O2) $(call try_flag,-fno-math-errno)
 OMP := $(call try_flag,-fopenmp)
 CFLAGS ?= $(OPT) $(OMP) -Wall -Wextra -Wno-unused-function
 LDLIBS = -lm

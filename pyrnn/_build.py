@@ -103,7 +103,9 @@ def _flags():
     quiet = ['-Wno-unused-function'] + ([] if omp else ['-Wno-unknown-pragmas'])
     # Python's own CFLAGS carry -fwrapv, which blocks loop optimisations and cost 25% of a step
     nowrap = ['-fno-wrapv'] if _accepts(cc, ['-fno-wrapv']) else []
-    return opt + omp + quiet + nowrap, omp
+    # we never read errno, and a sqrtf that may set it keeps the AdamW loop scalar
+    noerrno = ['-fno-math-errno'] if _accepts(cc, ['-fno-math-errno']) else []
+    return opt + omp + quiet + nowrap + noerrno, omp
 
 
 ffibuilder = FFI()
