@@ -336,3 +336,46 @@ def test_dropout_masks_from_c(cell):
                             c0.astype(np.float64) if cell == 'lstm' else None)[0]
     close(cell, 'eval loss', loss_eval, ref)
     assert abs(loss_eval - loss) > 1e-4
+
+
+# ----------------------------------------------------------------------------- activations
+ULP = 2.0 ** -23
+
+
+def _signed_magnitudes():
+    rng = np.random.default_rng(0)
+    mags = np.concatenate([10.0 ** rng.uniform(-30, 0, 3000), rng.uniform(0, 60, 3000)])
+    return np.concatenate([mags, -mags, [0.0]]).astype(np.float32)
+
+
+def _rel(got, ref):
+    return np.abs(got.astype(np.float64) - ref) / np.abs(ref)
+
+
+def test_tanh_is_accurate_to_a_few_ulp():
+    # h = tanh(x) through an RNN cell with W_ih = 1 and nothing else: the C cell's own vectorised tanh
+    x = _signed_magnitudes()
+    special = np.array([np.inf, -np.inf, np.nan], np.float32)
+    rnn = pyrnn.RNN(1, 1)
+    rnn.load_state_dict({'weight_ih_l0': np.ones((1, 1)), 'weight_hh_l0': np.zeros((1, 1)),
+                         'bias_ih_l0': np.zeros(1), 'bias_hh_l0': np.zeros(1)})
+    out, _ = rnn(np.concatenate([x, special]).reshape(1, -1, 1))   # one step, one row per value
+    got = out.ravel()
+    ref = np.tanh(x.astype(np.float64))
+    nz = ref != 0
+    assert _rel(got[:len(x)][nz], ref[nz]).max() < 3 * ULP
+    assert np.array_equal(got[:len(x)][~nz], ref[~nz])
+    assert got[-3] == 1.0 and got[-2] == -1.0 and np.isnan(got[-1])
+
+
+def test_sigmoid_is_accurate_to_a_few_ulp():
+    # c_1 = sigmoid(x) * tanh(20) = sigmoid(x) exactly, from c0 = 0: input gate weight 1, g's bias 20
+    x = _signed_magnitudes()
+    lstm = pyrnn.LSTM(1, 1)
+    lstm.load_state_dict({'weight_ih_l0': np.array([[1.0], [0.0], [0.0], [0.0]]), 'weight_hh_l0': np.zeros((4, 1)),
+                          'bias_ih_l0': np.array([0.0, 0.0, 20.0, 0.0]), 'bias_hh_l0': np.zeros(4)})
+    _, (_, c_n) = lstm(np.concatenate([x, [np.nan]]).astype(np.float32).reshape(1, -1, 1))
+    got = c_n.ravel()
+    ref = 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+    assert _rel(got[:-1], ref).max() < 3 * ULP
+    assert np.isnan(got[-1])
