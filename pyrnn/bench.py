@@ -3,12 +3,13 @@ measured back to back in one run on the same machine and thread count.
 
     python -m pyrnn bench [--threads 2] [--configs small medium large] [--out bench.json]
 
-Each measurement runs in its own process, so peak resident memory is per implementation, and the
-implementations take turns over several rounds (the machine drifts over minutes); tokens/s is the
-median over rounds of a median over steps, and the ratio to torch is the median of the per-round
-ratios, each against torch's measurement of the same round. A step is forward, backward, global-norm clipping and
-AdamW; FLOPs count 3x the forward GEMMs. The machine's float32 GEMM rate through numpy is the
-ceiling; torch's matmul rate is reported beside it.
+Each implementation runs in its own process, so peak resident memory is its own, and the processes
+take turns: several rounds of a few steps each (the machine drifts within seconds). tokens/s is the
+median step, and the ratio to torch is the median over rounds of each turn against torch's turn of
+the same round. A step is forward, backward, global-norm clipping and AdamW; FLOPs count 3x the
+forward GEMMs of the model as written (the C trainer looks layer 0's input projection up by token,
+so it does fewer). The machine's float32 GEMM rate through numpy is the ceiling; torch's matmul rate
+is reported beside it.
 """
 import argparse
 import json
@@ -17,6 +18,7 @@ import platform
 import subprocess
 import sys
 import time
+from statistics import median
 
 import numpy as np
 
@@ -57,8 +59,7 @@ def _status_mb(field):
         return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) / 1024
 
 
-def worker(impl, config, cell, threads, warmup, repeats):
-    """Times `repeats` steady-state steps; prints one JSON line."""
+def make_step(impl, config, cell, threads):
     E, H, L, B, T, _ = CONFIGS[config]
     rng = np.random.default_rng(0)
     x = rng.integers(0, V, (B, T)).astype(np.int32)
@@ -88,15 +89,48 @@ def worker(impl, config, cell, threads, warmup, repeats):
             model.zero_grad()
             model.backward()
             model.step(1e-3, weight_decay=0.01, max_grad_norm=1.0)
+    return step
+
+
+def worker(impl, config, cell, threads, warmup):
+    """A persistent measuring process: after `warmup` steps, each line "n" on stdin runs n timed
+    steps and answers with their times as one JSON line; end of input answers with peak memory."""
+    step = make_step(impl, config, cell, threads)
     base = _status_mb("VmRSS")
     for _ in range(warmup):
         step()
-    times = sorted(_timed(step) for _ in range(repeats))
-    median = times[len(times) // 2]
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        print(json.dumps([_timed(step) for _ in range(int(line))]), flush=True)
     peak = _status_mb("VmHWM")
-    print(json.dumps({"impl": impl, "config": config, "cell": cell, "step_s": median, "tok_s": B * T / median,
-                      "gflops": step_flops(cell, E, H, L, B, T) / median / 1e9, "peak_rss_mb": peak,
-                      "train_rss_mb": peak - base}))
+    print(json.dumps({"peak_rss_mb": peak, "train_rss_mb": peak - base}), flush=True)
+
+
+class Worker:
+    def __init__(self, impl, config, cell, threads, warmup):
+        cmd = [sys.executable, "-m", "pyrnn.bench", "--worker", impl, config, cell, str(threads), str(warmup)]
+        self.name = f"{impl} {config} {cell}"
+        self.proc = subprocess.Popen(cmd, env=_thread_env(threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self._read()
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read().strip().splitlines()[-1:]
+            raise RuntimeError(f"{self.name} failed: {err}")
+        return json.loads(line)
+
+    def steps(self, n):
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        self.proc.stdin.close()
+        mem = self._read()
+        self.proc.wait()
+        return mem
 
 
 def _thread_env(threads):
@@ -121,13 +155,25 @@ def gemm_worker(threads):
     print(json.dumps(rates))
 
 
-def measure(impl, config, cell, threads, warmup, repeats):
-    env = _thread_env(threads)
-    cmd = [sys.executable, "-m", "pyrnn.bench", "--worker", impl, config, cell, str(threads), str(warmup), str(repeats)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{impl} {config} {cell} failed: {r.stderr.strip().splitlines()[-1:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def take_turns(impls, config, cell, threads, warmup, rounds, repeats):
+    """Each implementation in its own warm process; they take `rounds` turns of `repeats` timed steps,
+    in alternating order, so the machine's drift (up to +-40% within seconds) falls on all of them
+    alike. The first step of a turn is not timed: it pays for waking the process's idle threads."""
+    workers = {}
+    try:
+        for impl in impls:
+            workers[impl] = Worker(impl, config, cell, threads, 1 if impl == "numpy" else warmup)
+        turns = {impl: [] for impl in impls}
+        for k in range(rounds):
+            for impl in impls if k % 2 == 0 else impls[::-1]:
+                if impl == "numpy" and k > 0:
+                    continue   # the oracle is a reference point, not a target: one turn
+                turns[impl].append(workers[impl].steps(repeats + 1)[1:])
+        return turns, {impl: w.close() for impl, w in workers.items()}
+    finally:
+        for w in workers.values():
+            if w.proc.poll() is None:
+                w.proc.kill()
 
 
 def main(argv=None):
@@ -135,20 +181,21 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--repeats", type=int, default=15, help="timed steps per measurement")
-    p.add_argument("--rounds", type=int, default=5, help="turns each implementation takes")
+    p.add_argument("--cells", nargs="+", choices=["rnn", "lstm", "gru"], help="only these cells (default: each config's own)")
+    p.add_argument("--rounds", type=int, default=9, help="turns each implementation takes")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per turn")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy oracle")
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     p.add_argument("--gemm-worker", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.gemm_worker:
         gemm_worker(args.gemm_worker)
         return
     if args.worker:
-        impl, config, cell, threads, warmup, repeats = args.worker
-        worker(impl, config, cell, int(threads), int(warmup), int(repeats))
+        impl, config, cell, threads, warmup = args.worker
+        worker(impl, config, cell, int(threads), int(warmup))
         return
     try:
         import torch  # noqa: F401
@@ -173,35 +220,25 @@ def main(argv=None):
     print("-" * len(header))
     results = []
     for config in args.configs:
-        for cell in CONFIGS[config][5]:
-            runs = {impl: [] for impl in impls}
-            for k in range(args.rounds):   # take turns, so drift hits every implementation alike
-                for impl in impls:
-                    if impl == "numpy" and k > 0:
-                        continue   # the oracle is a reference point, not a target: one round
-                    reps = max(3, args.repeats // 5) if impl == "numpy" else args.repeats
-                    runs[impl].append(measure(impl, config, cell, args.threads, 1 if impl == "numpy" else args.warmup, reps))
-            row = {}
-            for impl, rs in runs.items():
-                by_speed = sorted(rs, key=lambda r: r["tok_s"])
-                row[impl] = dict(by_speed[len(rs) // 2], peak_rss_mb=max(r["peak_rss_mb"] for r in rs),
-                                 train_rss_mb=max(r["train_rss_mb"] for r in rs),
-                                 tok_s_rounds=[round(r["tok_s"]) for r in rs])
-                # the ratio is paired: each round's measurement against torch's of the same round
-                if "torch" in runs:
-                    n = min(len(rs), len(runs["torch"]))
-                    ratios = sorted(rs[i]["tok_s"] / runs["torch"][i]["tok_s"] for i in range(n))
-                    row[impl]["x_torch"] = ratios[len(ratios) // 2]
-                    row[impl]["x_torch_rounds"] = [round(x, 2) for x in ratios]
-            for impl, r in row.items():
-                ratio = r.get("x_torch", float("nan"))
-                r["pct_peak"] = 100 * r["gflops"] / ceiling
-                print(f"{config:7} {cell:5} {impl:6} {r['tok_s']:9.0f} {ratio:8.2f} {r['gflops']:8.1f} "
-                      f"{r['pct_peak']:6.0f}% {r['peak_rss_mb']:8.0f} {r['train_rss_mb']:8.0f}")
+        E, H, L, B, T, cells = CONFIGS[config]
+        for cell in (c for c in cells if not args.cells or c in args.cells):
+            turns, mem = take_turns(impls, config, cell, args.threads, args.warmup, args.rounds, args.repeats)
+            flops = step_flops(cell, E, H, L, B, T)
+            for impl in impls:
+                step_s = median(t for turn in turns[impl] for t in turn)
+                r = {"impl": impl, "config": config, "cell": cell, "step_s": step_s, "tok_s": B * T / step_s,
+                     "gflops": flops / step_s / 1e9, "pct_peak": 100 * flops / step_s / 1e9 / ceiling, **mem[impl],
+                     "tok_s_rounds": [round(B * T / median(turn)) for turn in turns[impl]]}
+                if "torch" in turns:   # paired: each turn against torch's turn of the same round
+                    ratios = sorted(median(tt) / median(t) for t, tt in zip(turns[impl], turns["torch"]))
+                    r["x_torch"] = median(ratios)
+                    r["x_torch_rounds"] = [round(x, 2) for x in ratios]
+                print(f"{config:7} {cell:5} {impl:6} {r['tok_s']:9.0f} {r.get('x_torch', float('nan')):8.2f} "
+                      f"{r['gflops']:8.1f} {r['pct_peak']:6.0f}% {r['peak_rss_mb']:8.0f} {r['train_rss_mb']:8.0f}")
                 results.append(r)
     with open(args.out, "w") as f:
         json.dump({"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "gemm_gflops": rates,
-                   "rounds": args.rounds, "results": results}, f, indent=1)
+                   "rounds": args.rounds, "repeats": args.repeats, "results": results}, f, indent=1)
     print(f"wrote {args.out}")
 
 
