@@ -671,15 +671,6 @@ static int stack_reserve(Stack* s, int B, int T) {
     return 0;
 }
 
-// layer 0's gates <- rows of proj = table W_ih^T, picked by token
-static void input_projection_lookup(Stack* s) {
-    int V = s->table_rows, E = s->input_size, GH = cell_gates(s->cell) * s->hidden_size;
-    long bt = (long)s->B * s->T;
-    matmul(s->proj, s->table, E, 1, s->w_ih[0], 1, E, V, GH, E, 0);
-    #pragma omp parallel for schedule(static) if (bt * GH > PAR_MIN_WORK)
-    for (long r = 0; r < bt; r++) memcpy(s->gates[0] + r * GH, s->proj + (size_t)s->tokens[r] * GH, GH * sizeof(float));
-}
-
 // dproj gathers layer 0's gate gradients by token; then dW_ih += dproj^T table, dtable += dproj W_ih
 static void input_projection_lookup_backward(Stack* s) {
     int V = s->table_rows, E = s->input_size, GH = cell_gates(s->cell) * s->hidden_size;
@@ -705,8 +696,16 @@ static void layer_forward(Stack* s, int l) {
     size_t bh = (size_t)B * H;
     float* h = s->h[l];
     float* gates = s->gates[l];
-    // all T input projections at once; only the recurrent one is sequential
-    if (l == 0 && s->tokens) input_projection_lookup(s);
+    // Each step projects its own input inside the recurrence, so its gate rows are still in cache for
+    // the cell (6% of a medium LSTM step against one GEMM over all T, whose 8 MB of output went to
+    // memory and back): a token-lookup layer copies rows of proj, other layers multiply by W_ih^T,
+    // packed into the matmul scratch, which nothing else uses until the recurrence ends. When a
+    // thread's rows would not fill a register tile, that product would be mostly padding: then
+    // all T steps are projected by one GEMM first.
+    int lookup = l == 0 && s->tokens;
+    int per_step = !lookup && B >= MR * omp_get_max_threads();
+    if (lookup) matmul(s->proj, s->table, in, 1, s->w_ih[0], 1, in, s->table_rows, GH, in, 0);
+    else if (per_step) pack_b(matmul_scratch_b, s->w_ih[l], in, GH, 1, in);
     else matmul(gates, s->xin[l], in, 1, s->w_ih[l], 1, in, B * T, GH, in, 0);
     pack_b(s->w_packed, s->w_hh[l], H, GH, 1, H);
     // batch rows never interact in the recurrence: each thread runs all T steps for its own rows,
@@ -717,6 +716,12 @@ static void layer_forward(Stack* s, int l) {
         thread_rows(&b0, &b1, B);
         for (int t = 0; t < T && b1 > b0; t++) {
             float* gx = gates + (size_t)t * B * GH;
+            if (lookup)
+                for (int b = b0; b < b1; b++)
+                    memcpy(gx + (size_t)b * GH, s->proj + (size_t)s->tokens[(size_t)t * B + b] * GH, GH * sizeof(float));
+            else if (per_step)
+                matmul_packed_rows(gx + (size_t)b0 * GH, GH, s->xin[l] + ((size_t)t * B + b0) * in, in, matmul_scratch_b,
+                                   b1 - b0, GH, in, 0);
             matmul_packed_rows(s->gh + (size_t)b0 * GH, GH, h + t * bh + (size_t)b0 * H, H, s->w_packed, b1 - b0, GH, H, 0);
             switch (s->cell) {
             case CELL_RNN: case CELL_RNN_RELU:

@@ -50,9 +50,12 @@ def f64(d):
 # ----------------------------------------------------------------------------- char LM
 # (B, T, E, H, V, L, with_hx): every awkward value appears at least once for every cell. With
 # B*T >= V the C stack looks layer 0's projection up by token; (4, 1, ..., 65) has B*T < V and takes
-# the embedding-then-GEMM path, so both are held to the oracle.
+# the embedding-then-GEMM path, so both are held to the oracle. Layers above 0 project all T inputs
+# in one GEMM when B is small, and step by step inside the recurrence once every thread has a full
+# register tile of rows (B >= 8 per thread, so B=19 on up to 2 threads).
 
-LM_CASES = [(1, 5, 4, 3, 5, 1, True), (4, 1, 6, 37, 65, 2, False), (3, 7, 5, 37, 5, 3, True)]
+LM_CASES = [(1, 5, 4, 3, 5, 1, True), (4, 1, 6, 37, 65, 2, False), (3, 7, 5, 37, 5, 3, True),
+            (19, 3, 5, 37, 5, 2, True)]
 
 
 def lm_batch(cell, B, T, H, V, L, with_hx, seed=0):
@@ -147,7 +150,8 @@ def test_lm_carried_state_equals_one_long_sequence():
 # (B, T, In, H, L, with_hx, batch_first, bias)
 
 LAYER_CASES = [(1, 5, 4, 3, 1, True, False, True), (4, 1, 6, 37, 2, False, True, True),
-               (3, 6, 5, 37, 3, True, True, True), (2, 3, 3, 3, 2, True, False, False)]
+               (3, 6, 5, 37, 3, True, True, True), (2, 3, 3, 3, 2, True, False, False),
+               (19, 3, 5, 37, 2, True, True, True)]
 
 
 def make_layer(cell, In, H, L, **kw):
