@@ -761,6 +761,11 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
     if (dh_n) memcpy(dh, dh_n, bh * sizeof(float)); else memset(dh, 0, bh * sizeof(float));
     if (s->cell == CELL_LSTM) { if (dc_n) memcpy(dc, dc_n, bh * sizeof(float)); else memset(dc, 0, bh * sizeof(float)); }
     pack_b(s->w_packed, s->w_hh[l], GH, H, H, 1);
+    // as in forward, dL/dx_t comes out step by step, while the step's gate gradients are in cache
+    // (into dy's rows of step t, already read, when dxin is dy); W_ih goes in the matmul scratch
+    int lookup = l == 0 && s->tokens;
+    int per_step = !lookup && B >= MR * omp_get_max_threads();
+    if (per_step) pack_b(matmul_scratch_b, s->w_ih[l], GH, in, in, 1);
     #pragma omp parallel if ((long)B * GH * H > PAR_MIN_WORK)
     {
         int b0, b1;   // as in forward: each thread owns its batch rows through all T steps
@@ -781,15 +786,18 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
                 gru_cell_backward(dg, dgh, dh, g, s->hn[l] + t * bh, h + t * bh, b0, b1, H); break;
             }
             matmul_packed_rows(dh + (size_t)b0 * H, H, dgh + (size_t)b0 * GH, GH, s->w_packed, b1 - b0, H, GH, 1);
+            if (per_step)
+                matmul_packed_rows(dxin + ((size_t)t * B + b0) * in, in, dg + (size_t)b0 * GH, GH, matmul_scratch_b,
+                                   b1 - b0, in, GH, 0);
         }
     }
     // weight gradients for all T steps at once
     matmul(s->dw_hh[l], s->dgates_h, 1, GH, h, H, 1, GH, H, (int)bt, 1);
-    if (l == 0 && s->tokens) {
+    if (lookup) {
         input_projection_lookup_backward(s);
     } else {
         matmul(s->dw_ih[l], s->dgates, 1, GH, s->xin[l], in, 1, GH, in, (int)bt, 1);
-        matmul(dxin, s->dgates, GH, 1, s->w_ih[l], in, 1, (int)bt, in, GH, 0);
+        if (!per_step) matmul(dxin, s->dgates, GH, 1, s->w_ih[l], in, 1, (int)bt, in, GH, 0);
     }
     if (s->has_bias) bias_backward(s, l);
     if (dh0) memcpy(dh0, dh, bh * sizeof(float));
