@@ -208,6 +208,13 @@ static void matmul_packed_rows(float* c, long ldc, const float* a, long a_rs, co
     }
 }
 
+// memset by both threads: a few MB of gradients, zeroed every step
+static void zero_floats(float* x, size_t n) {
+    enum { CHUNK = 1 << 14 };
+    #pragma omp parallel for schedule(static) if ((long)n > PAR_MIN_WORK)
+    for (long i = 0; i < (long)n; i += CHUNK) memset(x + i, 0, ((long)n - i < CHUNK ? (long)n - i : CHUNK) * sizeof(float));
+}
+
 // the calling thread's share [lo, hi) of n rows
 static void thread_rows(int* lo, int* hi, int n) {
     #ifdef _OPENMP
@@ -394,13 +401,15 @@ static void rnn_cell_forward(float* h, const float* gx, const float* gh, const f
         }
 }
 
-static void rnn_cell_backward(float* dgates, float* dh, const float* h, int relu, int b0, int b1, int H) {
-    // dh: in, dL/dh_t; out, the part of dL/dh_{t-1} that bypasses W_hh (none for this cell)
+// Backward cells take dL/dh_t as dh (what came back through W_hh) plus dy (what the layer above
+// sent), and leave in dh the part of dL/dh_{t-1} that bypasses W_hh.
+static void rnn_cell_backward(float* dgates, float* dh, const float* dy, const float* h, int relu, int b0, int b1, int H) {
     for (int b = b0; b < b1; b++)
         #pragma omp simd
         for (int j = 0; j < H; j++) {
             size_t k = (size_t)b * H + j;
-            dgates[k] = relu ? (h[k] > 0.0f ? dh[k] : 0.0f) : dh[k] * (1.0f - h[k] * h[k]);
+            float d = dh[k] + dy[k];
+            dgates[k] = relu ? (h[k] > 0.0f ? d : 0.0f) : d * (1.0f - h[k] * h[k]);
             dh[k] = 0.0f;
         }
 }
@@ -426,7 +435,7 @@ static void lstm_cell_forward(float* h, float* c, float* gates, const float* gh,
     }
 }
 
-static void lstm_cell_backward(float* dgates, float* dh, float* dc, const float* gates, const float* c,
+static void lstm_cell_backward(float* dgates, float* dh, float* dc, const float* dy, const float* gates, const float* c,
                                const float* c_prev, int b0, int b1, int H) {
     // dc: in, dL/dc_t from step t+1; out, dL/dc_{t-1}
     for (int b = b0; b < b1; b++) {
@@ -437,11 +446,12 @@ static void lstm_cell_backward(float* dgates, float* dh, float* dc, const float*
             size_t k = (size_t)b * H + j;
             float i_ = g[j], f_ = g[H + j], g_ = g[2 * H + j], o_ = g[3 * H + j];
             float tc = tanh_approx(c[k]);
-            float dct = dc[k] + dh[k] * o_ * (1.0f - tc * tc);
+            float d = dh[k] + dy[k];
+            float dct = dc[k] + d * o_ * (1.0f - tc * tc);
             dg[j] = dct * g_ * i_ * (1.0f - i_);
             dg[H + j] = dct * c_prev[k] * f_ * (1.0f - f_);
             dg[2 * H + j] = dct * i_ * (1.0f - g_ * g_);
-            dg[3 * H + j] = dh[k] * tc * o_ * (1.0f - o_);
+            dg[3 * H + j] = d * tc * o_ * (1.0f - o_);
             dc[k] = dct * f_;
             dh[k] = 0.0f;
         }
@@ -468,7 +478,7 @@ static void gru_cell_forward(float* h, float* gates, float* hn, const float* gh,
     }
 }
 
-static void gru_cell_backward(float* dgates, float* dgates_h, float* dh, const float* gates,
+static void gru_cell_backward(float* dgates, float* dgates_h, float* dh, const float* dy, const float* gates,
                               const float* hn, const float* h_prev, int b0, int b1, int H) {
     // dgates_h differs from dgates only in the n block: r scales W_hn h + b_hn
     for (int b = b0; b < b1; b++) {
@@ -479,7 +489,7 @@ static void gru_cell_backward(float* dgates, float* dgates_h, float* dh, const f
         for (int j = 0; j < H; j++) {
             size_t k = (size_t)b * H + j;
             float r_ = g[j], z_ = g[H + j], n_ = g[2 * H + j];
-            float d = dh[k];
+            float d = dh[k] + dy[k];
             float dn = d * (1.0f - z_) * (1.0f - n_ * n_);
             float dr = dn * hn[k] * r_ * (1.0f - r_);
             float dz = d * (h_prev[k] - n_) * z_ * (1.0f - z_);
@@ -771,19 +781,17 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
         int b0, b1;   // as in forward: each thread owns its batch rows through all T steps
         thread_rows(&b0, &b1, B);
         for (int t = T - 1; t >= 0 && b1 > b0; t--) {
-            // dh <- dL/dh_t: what came through the recurrence plus what the layer above sent
             const float* dy_t = s->dy + t * bh;
-            for (size_t k = (size_t)b0 * H; k < (size_t)b1 * H; k++) dh[k] += dy_t[k];
             float* dg = s->dgates + (size_t)t * B * GH;
             float* dgh = s->dgates_h + (size_t)t * B * GH;
             const float* g = s->gates[l] + (size_t)t * B * GH;
             switch (s->cell) {
             case CELL_RNN: case CELL_RNN_RELU:
-                rnn_cell_backward(dg, dh, h + (t + 1) * bh, s->cell == CELL_RNN_RELU, b0, b1, H); break;
+                rnn_cell_backward(dg, dh, dy_t, h + (t + 1) * bh, s->cell == CELL_RNN_RELU, b0, b1, H); break;
             case CELL_LSTM:
-                lstm_cell_backward(dg, dh, dc, g, s->c[l] + (t + 1) * bh, s->c[l] + t * bh, b0, b1, H); break;
+                lstm_cell_backward(dg, dh, dc, dy_t, g, s->c[l] + (t + 1) * bh, s->c[l] + t * bh, b0, b1, H); break;
             case CELL_GRU:
-                gru_cell_backward(dg, dgh, dh, g, s->hn[l] + t * bh, h + t * bh, b0, b1, H); break;
+                gru_cell_backward(dg, dgh, dh, dy_t, g, s->hn[l] + t * bh, h + t * bh, b0, b1, H); break;
             }
             matmul_packed_rows(dh + (size_t)b0 * H, H, dgh + (size_t)b0 * GH, GH, s->w_packed, b1 - b0, H, GH, 1);
             if (per_step)
@@ -906,7 +914,7 @@ int layer_backward_api(Layer* m, float* dx, float* dh0, float* dc0, const float*
     return 0;
 }
 
-void layer_zero_grad(Layer* m) { memset(m->grads, 0, m->num_params * sizeof(float)); }
+void layer_zero_grad(Layer* m) { zero_floats(m->grads, m->num_params); }
 
 // ----------------------------------------------------------------------------
 // the character language model: Embedding(V, E) -> stack -> Linear(H, V) -> mean cross-entropy
@@ -934,6 +942,7 @@ typedef struct {
     int* inputs;         // (T, B) time-major copy of the last batch
     int* targets;        // (T, B) time-major copy, or NULL when no targets were given
     float *x, *dx, *head_in, *head_mask, *logits, *lse, *h_n, *c_n, *dh0, *dc0;
+    const float* head_x; // what the head read: the top layer's output, or head_in after dropout
     int has_targets;
     float loss;
 } Model;
@@ -1061,8 +1070,8 @@ int model_forward(Model* m, const int* inputs, const int* targets, const float* 
     if (stack_forward_acts(&m->rnn, lookup ? NULL : m->x, h0, c0, B, T)) return -1;
     const float* top = m->rnn.h[m->config.n_layers - 1] + (size_t)B * H;
     if (m->rnn.dropped) dropout_forward(m->head_in, m->head_mask, top, bt * H, m->dropout, &m->rng);
-    else memcpy(m->head_in, top, bt * H * sizeof(float));
-    matmul(m->logits, m->head_in, H, 1, m->head_w, 1, H, (int)bt, V, H, 0);
+    m->head_x = m->rnn.dropped ? m->head_in : top;
+    matmul(m->logits, m->head_x, H, 1, m->head_w, 1, H, (int)bt, V, H, 0);
     // bias, then log-sum-exp per row and the mean cross-entropy
     #pragma omp parallel for schedule(static) if ((long)bt * V > PAR_MIN_WORK)
     for (long r = 0; r < (long)bt; r++) {
@@ -1080,7 +1089,7 @@ int model_forward(Model* m, const int* inputs, const int* targets, const float* 
     return 0;
 }
 
-void model_zero_grad(Model* m) { memset(m->grads, 0, m->num_params * sizeof(float)); }
+void model_zero_grad(Model* m) { zero_floats(m->grads, m->num_params); }
 
 // d(mean loss) = 1; overwrites the logits with their gradient
 int model_backward(Model* m) {
@@ -1094,7 +1103,7 @@ int model_backward(Model* m) {
         for (int v = 0; v < V; v++) z[v] = exp_approx(z[v] - m->lse[r]) * scale;
         z[m->targets[r]] -= scale;
     }
-    matmul(m->dhead_w, m->logits, 1, V, m->head_in, H, 1, V, H, (int)bt, 1);
+    matmul(m->dhead_w, m->logits, 1, V, m->head_x, H, 1, V, H, (int)bt, 1);
     colsum_accumulate(m->dhead_b, m->logits, bt, V);
     matmul(m->rnn.dy, m->logits, V, 1, m->head_w, H, 1, (int)bt, H, V, 0);
     if (m->rnn.dropped) dropout_backward(m->rnn.dy, m->head_mask, bt * H);
