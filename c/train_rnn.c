@@ -210,9 +210,9 @@ static void matmul_packed_rows(float* c, long ldc, const float* a, long a_rs, co
 
 // memset by both threads: a few MB of gradients, zeroed every step
 static void zero_floats(float* x, size_t n) {
-    enum { CHUNK = 1 << 14 };
+    const long chunk = 1 << 14;
     #pragma omp parallel for schedule(static) if ((long)n > PAR_MIN_WORK)
-    for (long i = 0; i < (long)n; i += CHUNK) memset(x + i, 0, ((long)n - i < CHUNK ? (long)n - i : CHUNK) * sizeof(float));
+    for (long i = 0; i < (long)n; i += chunk) memset(x + i, 0, ((long)n - i < chunk ? (long)n - i : chunk) * sizeof(float));
 }
 
 // the calling thread's share [lo, hi) of n rows
