@@ -208,7 +208,7 @@ static void matmul_packed_rows(float* c, long ldc, const float* a, long a_rs, co
     }
 }
 
-// memset by both threads: a few MB of gradients, zeroed every step
+// memset by the whole team: a few MB of gradients, zeroed every step
 static void zero_floats(float* x, size_t n) {
     const long chunk = 1 << 14;
     #pragma omp parallel for schedule(static) if ((long)n > PAR_MIN_WORK)
@@ -322,11 +322,12 @@ enum { CELL_RNN = 0, CELL_RNN_RELU = 1, CELL_LSTM = 2, CELL_GRU = 3 };
 static const char* cell_names[] = { "rnn", "rnn_relu", "lstm", "gru" };
 static int cell_gates(int cell) { return cell == CELL_LSTM ? 4 : cell == CELL_GRU ? 3 : 1; }
 
-// exp, sigmoid and tanh without libm calls or data-dependent selects, so the gate loops vectorize
-// (each is marked omp simd: iterations touch distinct elements of the four gate blocks) and run at
-// full width: libm's expf and tanhf are scalar calls and took 40% of a step, and a clamp written as
-// a float select made the compiler split every gate loop into masked copies, twice as slow again.
-// Error is a few ulp, relative even near 0, far inside the 1e-5 we test; NaN propagates.
+// exp, sigmoid and tanh without libm calls, so the gate loops vectorize (each is marked omp simd:
+// iterations touch distinct elements of the four gate blocks): libm's expf and tanhf are scalar
+// calls and took 40% of a step. The gate functions clamp with integer operations on the bits: a
+// clamp written as a float select made the compiler split every gate loop into masked copies,
+// twice as slow. Error is a few ulp, relative even near 0, far inside the 1e-5 we test; NaN
+// propagates.
 
 // e^r - 1 for |r| <= ln(2) / 2: Taylor to r^7, whose next term is below float rounding
 static inline float expm1_reduced(float r) {
@@ -545,7 +546,12 @@ typedef struct {
     const float* table;
     float* dtable;
     int table_rows;      // V, fixed at creation; 0 when the stack never reads tokens
-    float *proj, *dproj; // (V, G*H)
+    float *proj;         // (V, G*H)
+    float *dproj;        // (V, G*H), rows by slot: the batch's distinct tokens in order
+    float *table_seen;   // (V, input_size): table rows of those tokens, then their gradients
+    int *token_slot;     // (V): each token's slot, -1 if the batch did not see it
+    int *seen;           // (V): the token in each slot
+    int n_seen;
     float *bias_sums;    // (G*H) column sums of one layer's gate gradients
     float *gh;           // (B, G*H) recurrent projection of one step
     float *dgates, *dgates_h, *dy, *dh, *dc;
@@ -609,7 +615,8 @@ static void stack_free(Stack* s) {
     float*** tables[] = { &s->w_ih, &s->w_hh, &s->b_ih, &s->b_hh, &s->dw_ih, &s->dw_hh, &s->db_ih, &s->db_hh,
                           &s->h, &s->c, &s->gates, &s->hn, &s->xin, &s->mask };
     for (size_t i = 0; i < sizeof(tables) / sizeof(tables[0]); i++) { free(*tables[i]); *tables[i] = NULL; }
-    free(s->zero_bias); free(s->zero_bias_grad); free(s->acts_memory); free(s->w_packed);
+    free(s->zero_bias); free(s->zero_bias_grad); free(s->acts_memory); free(s->w_packed); free(s->token_slot);
+    s->token_slot = s->seen = NULL;
     s->zero_bias = s->zero_bias_grad = s->acts_memory = s->w_packed = NULL;
 }
 
@@ -625,6 +632,7 @@ static int stack_reserve(Stack* s, int B, int T) {
     int L = s->n_layers, H = s->hidden_size, In = s->input_size, G = cell_gates(s->cell);
     size_t GH = (size_t)G * H, bt = (size_t)B * T, bh = (size_t)B * H;
     int lstm = s->cell == CELL_LSTM, gru = s->cell == CELL_GRU;
+    size_t lookup_rows = bt >= (size_t)s->table_rows ? (size_t)s->table_rows : 0;   // batches that look up
     size_t sizes[] = {
         (size_t)L * (bt + B) * H,                 // h
         lstm ? (size_t)L * (bt + B) * H : 0,      // c
@@ -637,8 +645,9 @@ static int stack_reserve(Stack* s, int B, int T) {
         gru ? bt * GH : 0,                        // dgates_h
         bt * H,                                   // dy: layer l's output grad, then l-1's (layer 0's goes to dx)
         bh, bh,                                   // dh, dc
-        (size_t)s->table_rows * GH,               // proj
-        (size_t)s->table_rows * GH,               // dproj
+        lookup_rows * GH,                         // proj
+        lookup_rows * GH,                         // dproj
+        lookup_rows * In,                         // table_seen
         GH,                                       // bias_sums
     };
     enum { N_PARTS = sizeof(sizes) / sizeof(sizes[0]) };
@@ -653,9 +662,14 @@ static int stack_reserve(Stack* s, int B, int T) {
         size_t fwd = packed_b_size(H, (int)GH), bwd = packed_b_size((int)GH, H);   // W_hh^T, then W_hh
         s->w_packed = (float*)alloc_floats(fwd > bwd ? fwd : bwd);
         if (!s->w_packed) return fail("out of memory for packed weights");
-        // op(B) of x W_ih^T, dY^T h, dY^T x, dY W_ih, for layer inputs of width In (layer 0) and H
+        free(s->token_slot);
+        s->token_slot = (int*)malloc((2 * (size_t)s->table_rows + 1) * sizeof(int));
+        if (!s->token_slot) return fail("out of memory");
+        s->seen = s->token_slot + s->table_rows;
+        // op(B) of x W_ih^T, dY^T h, dY^T x, dY W_ih (whole T, or packed once for the per-step products)
+        // and dproj^T table, for layer inputs of width In (layer 0) and H
         size_t in_max = (size_t)(In > H ? In : H);
-        size_t shapes[] = { in_max, GH, bt, (size_t)H, bt, in_max, GH, in_max, (size_t)s->table_rows, in_max };
+        size_t shapes[] = { in_max, GH, bt, (size_t)H, bt, in_max, GH, in_max, lookup_rows, in_max };
         if (matmul_reserve(shapes, 5)) return -1;
         s->max_bt = bt; s->max_b = B;
     }
@@ -665,7 +679,7 @@ static int stack_reserve(Stack* s, int B, int T) {
     for (int i = 0; i < N_PARTS; i++) { parts[i] = p; p += (sizes[i] + 15) / 16 * 16; }
     float *h = parts[0], *c = parts[1], *gates = parts[2], *hn = parts[3], *xin = parts[4], *mask = parts[5];
     s->gh = parts[6]; s->dgates = parts[7]; s->dgates_h = parts[8]; s->dy = parts[9]; s->dh = parts[10]; s->dc = parts[11];
-    s->proj = parts[12]; s->dproj = parts[13]; s->bias_sums = parts[14];
+    s->proj = parts[12]; s->dproj = parts[13]; s->table_seen = parts[14]; s->bias_sums = parts[15];
     for (int l = 0; l < L; l++) {
         s->h[l] = h + (size_t)l * (bt + B) * H;
         s->c[l] = lstm ? c + (size_t)l * (bt + B) * H : NULL;
@@ -681,23 +695,38 @@ static int stack_reserve(Stack* s, int B, int T) {
     return 0;
 }
 
-// dproj gathers layer 0's gate gradients by token; then dW_ih += dproj^T table, dtable += dproj W_ih
+// dproj gathers layer 0's gate gradients by token, one row per distinct token of the batch; then
+// dW_ih += dproj^T table[seen] and dtable[seen] += dproj W_ih. Only the tokens seen take part, so a
+// table row the batch never used (even a non-finite one) touches no gradient, as in torch.
 static void input_projection_lookup_backward(Stack* s) {
     int V = s->table_rows, E = s->input_size, GH = cell_gates(s->cell) * s->hidden_size;
     long bt = (long)s->B * s->T;
+    memset(s->token_slot, 0, V * sizeof(int));
+    for (long r = 0; r < bt; r++) s->token_slot[s->tokens[r]] = 1;
+    int n = 0;
+    for (int v = 0; v < V; v++) {
+        if (s->token_slot[v]) { s->seen[n] = v; s->token_slot[v] = n++; }
+        else s->token_slot[v] = -1;
+    }
+    s->n_seen = n;
     enum { SLICE = 64 };   // each thread owns a slice of columns, so the sums run in a fixed order
     #pragma omp parallel for schedule(static) if (bt * GH > PAR_MIN_WORK)
     for (int j0 = 0; j0 < GH; j0 += SLICE) {
-        int n = GH - j0 < SLICE ? GH - j0 : SLICE;
-        for (int v = 0; v < V; v++) memset(s->dproj + (size_t)v * GH + j0, 0, n * sizeof(float));
+        int w = GH - j0 < SLICE ? GH - j0 : SLICE;
+        for (int i = 0; i < n; i++) memset(s->dproj + (size_t)i * GH + j0, 0, w * sizeof(float));
         for (long r = 0; r < bt; r++) {
-            float* dst = s->dproj + (size_t)s->tokens[r] * GH + j0;
+            float* dst = s->dproj + (size_t)s->token_slot[s->tokens[r]] * GH + j0;
             const float* src = s->dgates + r * GH + j0;
-            for (int j = 0; j < n; j++) dst[j] += src[j];
+            for (int j = 0; j < w; j++) dst[j] += src[j];
         }
     }
-    matmul(s->dw_ih[0], s->dproj, 1, GH, s->table, E, 1, GH, E, V, 1);
-    matmul(s->dtable, s->dproj, GH, 1, s->w_ih[0], E, 1, V, E, GH, 1);
+    for (int i = 0; i < n; i++) memcpy(s->table_seen + (size_t)i * E, s->table + (size_t)s->seen[i] * E, E * sizeof(float));
+    matmul(s->dw_ih[0], s->dproj, 1, GH, s->table_seen, E, 1, GH, E, n, 1);
+    matmul(s->table_seen, s->dproj, GH, 1, s->w_ih[0], E, 1, n, E, GH, 0);
+    for (int i = 0; i < n; i++) {
+        float* row = s->dtable + (size_t)s->seen[i] * E;
+        for (int e = 0; e < E; e++) row[e] += s->table_seen[(size_t)i * E + e];
+    }
 }
 
 static void layer_forward(Stack* s, int l) {
@@ -753,7 +782,7 @@ static void bias_backward(Stack* s, int l) {
     int GH = cell_gates(s->cell) * s->hidden_size;
     long bt = (long)s->B * s->T;
     memset(s->bias_sums, 0, GH * sizeof(float));
-    if (l == 0 && s->tokens) colsum_accumulate(s->bias_sums, s->dproj, s->table_rows, GH);
+    if (l == 0 && s->tokens) colsum_accumulate(s->bias_sums, s->dproj, s->n_seen, GH);
     else colsum_accumulate(s->bias_sums, s->dgates, bt, GH);
     for (int j = 0; j < GH; j++) s->db_ih[l][j] += s->bias_sums[j];
     if (s->dgates_h == s->dgates) { for (int j = 0; j < GH; j++) s->db_hh[l][j] += s->bias_sums[j]; }
@@ -812,7 +841,8 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
     if (dc0 && s->cell == CELL_LSTM) memcpy(dc0, dc, bh * sizeof(float));
 }
 
-// x: (T, B, input_size), taken as layer 0's input by pointer (must stay alive until backward)
+// x: (T, B, input_size), taken as layer 0's input by pointer (must stay alive until backward);
+// NULL when layer 0 looks its input up by s->tokens
 static int stack_forward_acts(Stack* s, const float* x, const float* h0, const float* c0, int B, int T) {
     if (stack_reserve(s, B, T)) return -1;
     int L = s->n_layers, H = s->hidden_size;
@@ -831,7 +861,8 @@ static int stack_forward_acts(Stack* s, const float* x, const float* h0, const f
     return 0;
 }
 
-// dy must hold dL/d(top output); dx receives dL/dx (T, B, input_size)
+// dy must hold dL/d(top output); dx receives dL/dx (T, B, input_size), unless layer 0 looked its
+// input up by token: then the gradient goes to s->dtable and dx is not used
 static void stack_backward_acts(Stack* s, float* dx, float* dh0, float* dc0, const float* dh_n, const float* dc_n) {
     int L = s->n_layers, H = s->hidden_size;
     size_t bh = (size_t)s->B * H, bt = (size_t)s->B * s->T;
@@ -1660,7 +1691,7 @@ static int cpu_eval_step(void* self, float* loss, const int* inputs, const int* 
     return 0;
 }
 
-const Backend cpu_backend = {   // not static: the library build has no main to use it
+static const Backend cpu_backend __attribute__((unused)) = {   // the library build has no main to use it
     "cpu", cpu_create, cpu_destroy, cpu_set_params, cpu_get_params, cpu_set_state, cpu_get_state,
     cpu_train_step, cpu_eval_step,
 };

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 import sys
 import time
 from statistics import median
@@ -110,14 +111,17 @@ class Worker:
     def __init__(self, impl, config, cell, threads, warmup):
         cmd = [sys.executable, "-m", "pyrnn.bench", "--worker", impl, config, cell, str(threads), str(warmup)]
         self.name = f"{impl} {config} {cell}"
+        self.stderr = tempfile.TemporaryFile(mode="w+")   # a pipe nobody reads could fill and block it
         self.proc = subprocess.Popen(cmd, env=_thread_env(threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=self.stderr, text=True)
         self._read()
 
     def _read(self):
         line = self.proc.stdout.readline()
         if not line:
-            err = self.proc.stderr.read().strip().splitlines()[-1:]
+            self.proc.wait()
+            self.stderr.seek(0)
+            err = self.stderr.read().strip().splitlines()[-1:]
             raise RuntimeError(f"{self.name} failed: {err}")
         return json.loads(line)
 
@@ -130,6 +134,7 @@ class Worker:
         self.proc.stdin.close()
         mem = self._read()
         self.proc.wait()
+        self.stderr.close()
         return mem
 
 
@@ -164,12 +169,15 @@ def take_turns(impls, config, cell, threads, warmup, rounds, repeats):
         for impl in impls:
             workers[impl] = Worker(impl, config, cell, threads, 1 if impl == "numpy" else warmup)
         turns = {impl: [] for impl in impls}
+        mem = {}
         for k in range(rounds):
             for impl in impls if k % 2 == 0 else impls[::-1]:
-                if impl == "numpy" and k > 0:
-                    continue   # the oracle is a reference point, not a target: one turn
+                if impl in mem:
+                    continue
                 turns[impl].append(workers[impl].steps(repeats + 1)[1:])
-        return turns, {impl: w.close() for impl, w in workers.items()}
+                if impl == "numpy":   # the oracle is a reference point, not a target: one turn
+                    mem[impl] = workers[impl].close()
+        return turns, {impl: mem.get(impl) or w.close() for impl, w in workers.items()}
     finally:
         for w in workers.values():
             if w.proc.poll() is None:
