@@ -412,3 +412,25 @@ def test_sigmoid_is_accurate_to_a_few_ulp():
     ref = 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
     assert _rel(got[:-1], ref).max() < 3 * ULP
     assert np.isnan(got[-1])
+
+
+@pytest.mark.parametrize('cell', oracle.CELLS)
+@pytest.mark.parametrize('threads', [(2, 1), (1, 2)])
+def test_thread_count_may_change_between_forward_and_backward(cell, threads):
+    # forward and backward each choose per-step or whole-T projection from the thread count they see:
+    # B=12 is per-step on 1 thread (>= 8 rows each) and whole-T on 2, so the two passes differ
+    B, T, E, H, V, L = 12, 3, 5, 37, 5, 2
+    lm = pyrnn.CharLM(cell, V, E, H, L, seed=7)
+    inputs, targets, h0, c0 = lm_batch(cell, B, T, H, V, L, True)
+    hx = (h0, c0) if cell == 'lstm' else h0
+    pyrnn.set_num_threads(threads[0])
+    lm.forward(inputs, targets, hx)
+    pyrnn.set_num_threads(threads[1])
+    lm.backward()
+    p = f64(lm.state_dict())
+    *_, cache = oracle.lm_forward(p, cell, inputs, targets, h0.astype(np.float64),
+                                  None if c0 is None else c0.astype(np.float64))
+    grads, dh0, _ = oracle.lm_backward(cache)
+    close(cell, 'dh0', lm.dh0, dh0)
+    for name, g in lm.grad.items():
+        close(cell, f'grad {name}', g, grads[name])
