@@ -611,6 +611,16 @@ static size_t stack_init(Stack* s, int cell, int input_size, int hidden_size, in
     return off;
 }
 
+// A batch of at least V rows looks layer 0's projection up by token (a V-row GEMM); fewer rows, as
+// when sampling one token at a time, embed and multiply. The caller sets s->tokens by this rule.
+static int lookup_pays(size_t rows, size_t V) { return V > 0 && rows >= V; }
+
+// Layers project their input step by step inside the recurrence, unless they look it up by token or
+// a thread's rows would not fill a register tile (then the per-step product would be mostly padding,
+// and one GEMM over all T steps goes first). Forward and backward each decide for themselves.
+static int looks_up(const Stack* s, int l) { return l == 0 && s->tokens; }
+static int projects_per_step(const Stack* s, int l) { return !looks_up(s, l) && s->B >= MR * omp_get_max_threads(); }
+
 static void stack_free(Stack* s) {
     float*** tables[] = { &s->w_ih, &s->w_hh, &s->b_ih, &s->b_hh, &s->dw_ih, &s->dw_hh, &s->db_ih, &s->db_hh,
                           &s->h, &s->c, &s->gates, &s->hn, &s->xin, &s->mask };
@@ -632,7 +642,7 @@ static int stack_reserve(Stack* s, int B, int T) {
     int L = s->n_layers, H = s->hidden_size, In = s->input_size, G = cell_gates(s->cell);
     size_t GH = (size_t)G * H, bt = (size_t)B * T, bh = (size_t)B * H;
     int lstm = s->cell == CELL_LSTM, gru = s->cell == CELL_GRU;
-    size_t lookup_rows = bt >= (size_t)s->table_rows ? (size_t)s->table_rows : 0;   // batches that look up
+    size_t lookup_rows = lookup_pays(bt, (size_t)s->table_rows) ? (size_t)s->table_rows : 0;
     size_t sizes[] = {
         (size_t)L * (bt + B) * H,                 // h
         lstm ? (size_t)L * (bt + B) * H : 0,      // c
@@ -663,7 +673,7 @@ static int stack_reserve(Stack* s, int B, int T) {
         s->w_packed = (float*)alloc_floats(fwd > bwd ? fwd : bwd);
         if (!s->w_packed) return fail("out of memory for packed weights");
         free(s->token_slot);
-        s->token_slot = (int*)malloc((2 * (size_t)s->table_rows + 1) * sizeof(int));
+        s->token_slot = (int*)malloc((2 * (size_t)s->table_rows + 1) * sizeof(int));   // + 1: never malloc(0)
         if (!s->token_slot) return fail("out of memory");
         s->seen = s->token_slot + s->table_rows;
         // op(B) of x W_ih^T, dY^T h, dY^T x, dY W_ih (whole T, or packed once for the per-step products)
@@ -738,11 +748,8 @@ static void layer_forward(Stack* s, int l) {
     // Each step projects its own input inside the recurrence, so its gate rows are still in cache for
     // the cell (6% of a medium LSTM step against one GEMM over all T, whose 8 MB of output went to
     // memory and back): a token-lookup layer copies rows of proj, other layers multiply by W_ih^T,
-    // packed into the matmul scratch, which nothing else uses until the recurrence ends. When a
-    // thread's rows would not fill a register tile, that product would be mostly padding: then
-    // all T steps are projected by one GEMM first.
-    int lookup = l == 0 && s->tokens;
-    int per_step = !lookup && B >= MR * omp_get_max_threads();
+    // packed into the matmul scratch, which nothing else uses until the recurrence ends.
+    int lookup = looks_up(s, l), per_step = projects_per_step(s, l);
     if (lookup) matmul(s->proj, s->table, in, 1, s->w_ih[0], 1, in, s->table_rows, GH, in, 0);
     else if (per_step) pack_b(matmul_scratch_b, s->w_ih[l], in, GH, 1, in);
     else matmul(gates, s->xin[l], in, 1, s->w_ih[l], 1, in, B * T, GH, in, 0);
@@ -782,7 +789,7 @@ static void bias_backward(Stack* s, int l) {
     int GH = cell_gates(s->cell) * s->hidden_size;
     long bt = (long)s->B * s->T;
     memset(s->bias_sums, 0, GH * sizeof(float));
-    if (l == 0 && s->tokens) colsum_accumulate(s->bias_sums, s->dproj, s->n_seen, GH);
+    if (looks_up(s, l)) colsum_accumulate(s->bias_sums, s->dproj, s->n_seen, GH);
     else colsum_accumulate(s->bias_sums, s->dgates, bt, GH);
     for (int j = 0; j < GH; j++) s->db_ih[l][j] += s->bias_sums[j];
     if (s->dgates_h == s->dgates) { for (int j = 0; j < GH; j++) s->db_hh[l][j] += s->bias_sums[j]; }
@@ -802,8 +809,7 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
     pack_b(s->w_packed, s->w_hh[l], GH, H, H, 1);
     // as in forward, dL/dx_t comes out step by step, while the step's gate gradients are in cache
     // (into dy's rows of step t, already read, when dxin is dy); W_ih goes in the matmul scratch
-    int lookup = l == 0 && s->tokens;
-    int per_step = !lookup && B >= MR * omp_get_max_threads();
+    int lookup = looks_up(s, l), per_step = projects_per_step(s, l);
     if (per_step) pack_b(matmul_scratch_b, s->w_ih[l], GH, in, in, 1);
     #pragma omp parallel if ((long)B * GH * H > PAR_MIN_WORK)
     {
@@ -1093,9 +1099,7 @@ int model_forward(Model* m, const int* inputs, const int* targets, const float* 
             m->inputs[(size_t)t * B + b] = inputs[(size_t)b * T + t];
             if (targets) m->targets[(size_t)t * B + b] = targets[(size_t)b * T + t];
         }
-    // the stack looks layer 0's projection up by token when the batch has at least V rows (so not
-    // when sampling one token at a time); otherwise it reads the embedded inputs
-    int lookup = (size_t)V <= bt;
+    int lookup = lookup_pays(bt, (size_t)V);
     m->rnn.tokens = lookup ? m->inputs : NULL;
     if (!lookup) embedding_forward(m->x, m->emb, m->inputs, (long)bt, m->config.embed_size);
     if (stack_forward_acts(&m->rnn, lookup ? NULL : m->x, h0, c0, B, T)) return -1;
