@@ -1,5 +1,5 @@
-// Shared by the fuzz targets in fuzz/: each target #defines PYRNN_NO_MAIN, includes ../c/train_rnn.c
-// and then this file. The readers in train_rnn.c are blob_load (path -> whole file in one malloc)
+// Shared by the fuzz targets in fuzz/: each target includes ../c/fileio.h (and reference.h), then this
+// file. The readers there are blob_load (path -> whole file in one malloc)
 // followed by a parser over that Blob (tokens_parse, checkpoint_parse, reference_parse). The
 // targets call the same parsers on a Blob filled from the fuzzer's bytes, in a malloc of exactly
 // that size as blob_load makes it, so AddressSanitizer sees any read past the file's end.
