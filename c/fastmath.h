@@ -60,8 +60,10 @@ static inline float nan_from(float y, float x) {
 static inline float sigmoidf(float x) {
     float em1, s = exp_split(&em1, -abs_clamped(x));
     float e = s * em1 + s;
-    float q = 1.0f / (1.0f + e);
-    return nan_from(x >= 0.0f ? q : e * q, x);
+    // 1 / (1 + e) for x >= 0, else e / (1 + e): select the numerator, not a product the compiler would
+    // compute in one branch only (a possibly trapping operation there keeps the loop scalar on AVX2)
+    float num = x >= 0.0f ? 1.0f : e;
+    return nan_from(num / (1.0f + e), x);
 }
 
 // tanh |x| = -m / (m + 2) with m = e^-2|x| - 1 in (-1, 0], relative-exact near 0 through expm1

@@ -103,25 +103,23 @@ static void pack_b(float* bp, const float* b, int K, int N, long rs, long cs) {
     pack_b_team(bp, b, K, N, rs, cs);
 }
 
-// the MR x NR register tile: acc = sum_k a(i, k) * bp[k][j], then C (+)= acc. Rows past mr read
-// row 0 again (never out of bounds) and are not stored. Inlined with constant strides per layout.
+// the register tile, `rows` (<= MR) x NR: acc = sum_k a(i, k) * bp[k][j], then C (+)= acc. Inlined
+// with constant rows and strides, so the accumulators stay in registers.
 static inline __attribute__((always_inline)) void matmul_tile(float* c, long ldc, const float* a, long a_rs,
-                                                              long a_cs, const float* bp, int kc, int mr, int nr,
+                                                              long a_cs, const float* bp, int kc, int rows, int nr,
                                                               int accumulate) {
     vecf acc[MR][NV];
-    for (int i = 0; i < MR; i++)
+    for (int i = 0; i < rows; i++)
         for (int v = 0; v < NV; v++) acc[i][v] = (vecf){ 0 };   // in registers, not a memset call
-    const float* rows[MR];
-    for (int i = 0; i < MR; i++) rows[i] = a + (i < mr ? i : 0) * a_rs;
     for (int k = 0; k < kc; k++) {
         vecf b[NV];
         for (int v = 0; v < NV; v++) b[v] = *(const vecf*)(bp + (size_t)k * NR + v * VEC_FLOATS);
-        for (int i = 0; i < MR; i++) {
-            float ai = rows[i][(long)k * a_cs];
+        for (int i = 0; i < rows; i++) {
+            float ai = a[i * a_rs + (long)k * a_cs];
             for (int v = 0; v < NV; v++) acc[i][v] += ai * b[v];
         }
     }
-    for (int i = 0; i < mr; i++) {
+    for (int i = 0; i < rows; i++) {
         float* ci = c + (long)i * ldc;
         if (nr == NR) {   // whole rows as unaligned vectors (fixed-size memcpy compiles to one load / store)
             for (int v = 0; v < NV; v++) {
@@ -138,14 +136,34 @@ static inline __attribute__((always_inline)) void matmul_tile(float* c, long ldc
     }
 }
 
-// kept out of line, so the inner loops have names to find in the assembly (scripts/check_spills.py)
+// One instance per row count, so a short edge tile (16 rows per thread make 6 + 6 + 4 on AVX2) does
+// no wasted multiplies. Kept out of line, so the inner loops have names to find in the assembly
+// (scripts/check_spills.py). A is row-major (a_cs == 1) or transposed (a_rs == 1).
+#define TILE_ROWS(a_rs, a_cs) \
+    switch (mr) { \
+    case 1: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 1, nr, acc); break; \
+    case 2: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 2, nr, acc); break; \
+    case 3: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 3, nr, acc); break; \
+    case 4: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 4, nr, acc); break; \
+    case 5: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 5, nr, acc); break; \
+    TILE_ROWS_WIDE(a_rs, a_cs) \
+    default: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, MR, nr, acc); break; \
+    }
+#if MR == 8
+#define TILE_ROWS_WIDE(a_rs, a_cs) \
+    case 6: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 6, nr, acc); break; \
+    case 7: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 7, nr, acc); break;
+#else
+#define TILE_ROWS_WIDE(a_rs, a_cs)
+#endif
+
 __attribute__((noinline)) static void matmul_tile_rowmajor(float* c, long ldc, const float* a, long a_rs, const float* bp,
                                                            int kc, int mr, int nr, int acc) {
-    matmul_tile(c, ldc, a, a_rs, 1, bp, kc, mr, nr, acc);
+    TILE_ROWS(a_rs, 1)
 }
 __attribute__((noinline)) static void matmul_tile_transposed(float* c, long ldc, const float* a, long a_cs, const float* bp,
                                                              int kc, int mr, int nr, int acc) {
-    matmul_tile(c, ldc, a, 1, a_cs, bp, kc, mr, nr, acc);
+    TILE_ROWS(1, a_cs)
 }
 
 // C (M x N, row stride ldc) (+)= op(A) * packed op(B); must be called by every thread of a team.
@@ -157,6 +175,26 @@ static void matmul_packed_team(float* c, long ldc, const float* a, long a_rs, lo
         int kc = K - k0 < KC ? K - k0 : KC;
         int acc = accumulate || k0 > 0;
         const float* bblock = bp + (size_t)k0 * n_panels * NR;
+        if (a_rs == 1 && a_cs != 1) {
+            // Transposed A (the weight gradients dY^T X): a tile's MR values of one k are contiguous, but
+            // consecutive k are a row of dY apart, often a page. Copy the tile's kc x MR block once, then
+            // meet every panel of B with it; read in place, each panel paid a TLB miss per k.
+            #pragma omp for schedule(static)
+            for (int ip = 0; ip < m_panels; ip++) {
+                float at[KC * MR] __attribute__((aligned(64)));
+                int mr = M - ip * MR < MR ? M - ip * MR : MR;
+                const float* src = a + (long)ip * MR + (long)k0 * a_cs;
+                for (int k = 0; k < kc; k++)   // a fixed-size copy compiles to one vector move, not a call
+                    if (mr == MR) memcpy(at + k * MR, src + (long)k * a_cs, MR * sizeof(float));
+                    else for (int i = 0; i < mr; i++) at[k * MR + i] = src[(long)k * a_cs + i];
+                for (int jp = 0; jp < n_panels; jp++) {
+                    int nr = N - jp * NR < NR ? N - jp * NR : NR;
+                    matmul_tile_transposed(c + (long)ip * MR * ldc + jp * NR, ldc, at, MR, bblock + (size_t)jp * kc * NR,
+                                           kc, mr, nr, acc);
+                }
+            }
+            continue;
+        }
         // panels of B outermost: each thread keeps its B panels in cache while A streams by
         #pragma omp for collapse(2) schedule(static)
         for (int jp = 0; jp < n_panels; jp++) {
@@ -166,8 +204,7 @@ static void matmul_packed_team(float* c, long ldc, const float* a, long a_rs, lo
                 float* ct = c + (long)ip * MR * ldc + jp * NR;
                 const float* at = a + (long)ip * MR * a_rs + (long)k0 * a_cs;
                 const float* bt = bblock + (size_t)jp * kc * NR;
-                if (a_cs == 1) matmul_tile_rowmajor(ct, ldc, at, a_rs, bt, kc, mr, nr, acc);
-                else matmul_tile_transposed(ct, ldc, at, a_cs, bt, kc, mr, nr, acc);
+                matmul_tile_rowmajor(ct, ldc, at, a_rs, bt, kc, mr, nr, acc);
             }
         }
     }

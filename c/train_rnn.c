@@ -42,13 +42,16 @@ static void embedding_backward(float* dtable, const float* dx, const int* tokens
 
 static void rnn_cell_forward(float* h, const float* gx, const float* gh, const float* b_ih,
                              const float* b_hh, int relu, int b0, int b1, int H) {
-    for (int b = b0; b < b1; b++)
-        #pragma omp simd
-        for (int j = 0; j < H; j++) {
-            size_t k = (size_t)b * H + j;
-            float pre = gx[k] + b_ih[j] + gh[k] + b_hh[j];
-            h[k] = relu ? (pre > 0.0f ? pre : 0.0f) : tanh_approx(pre);
+    for (int b = b0; b < b1; b++) {
+        size_t k = (size_t)b * H;   // two loops: tanh inside a branch would keep the loop scalar on AVX2
+        if (relu) {
+            #pragma omp simd
+            for (int j = 0; j < H; j++) { float pre = gx[k + j] + b_ih[j] + gh[k + j] + b_hh[j]; h[k + j] = pre > 0.0f ? pre : 0.0f; }
+        } else {
+            #pragma omp simd
+            for (int j = 0; j < H; j++) h[k + j] = tanh_approx(gx[k + j] + b_ih[j] + gh[k + j] + b_hh[j]);
         }
+    }
 }
 
 // Backward cells take dL/dh_t as dh (what came back through W_hh) plus dy (what the layer above
