@@ -76,13 +76,14 @@ static int matmul_reserve(MatmulScratch* s, const size_t* shapes, int n_shapes) 
     return 0;
 }
 
-// bp <- op(B) as [k-block][column panel][k][NR], zero-padded past N; call from inside a team or not
+// bp <- op(B) as [k-block][column panel][k][NR], zero-padded past N; call from inside a team or not.
+// The k-blocks are independent, so the team meets once, at the end, not after each.
 static void pack_b_team(float* bp, const float* b, int K, int N, long rs, long cs) {
     int n_panels = (N + NR - 1) / NR;
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC;
         float* block = bp + (size_t)k0 * n_panels * NR;
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(static) nowait
         for (int jp = 0; jp < n_panels; jp++) {
             float* panel = block + (size_t)jp * kc * NR;
             int nr = N - jp * NR < NR ? N - jp * NR : NR;
@@ -95,6 +96,7 @@ static void pack_b_team(float* bp, const float* b, int K, int N, long rs, long c
             }
         }
     }
+    #pragma omp barrier
 }
 
 static void pack_b(float* bp, const float* b, int K, int N, long rs, long cs) {
@@ -166,8 +168,10 @@ __attribute__((noinline)) static void matmul_tile_transposed(float* c, long ldc,
     TILE_ROWS(1, a_cs)
 }
 
-// C (M x N, row stride ldc) (+)= op(A) * packed op(B); must be called by every thread of a team.
-// A is row-major (a_cs == 1) or transposed (a_rs == 1).
+// C (M x N, row stride ldc) (+)= op(A) * packed op(B); must be called by every thread of a team, and C
+// is complete only once the team has met (the end of the caller's parallel region). A is row-major
+// (a_cs == 1) or transposed (a_rs == 1). Every k-block deals its tiles to the threads by the same
+// static schedule, so a thread only ever adds to its own tiles: no barrier between k-blocks.
 static void matmul_packed_team(float* c, long ldc, const float* a, long a_rs, long a_cs,
                                const float* bp, int M, int N, int K, int accumulate) {
     int n_panels = (N + NR - 1) / NR, m_panels = (M + MR - 1) / MR;
@@ -179,7 +183,7 @@ static void matmul_packed_team(float* c, long ldc, const float* a, long a_rs, lo
             // Transposed A (the weight gradients dY^T X): a tile's MR values of one k are contiguous, but
             // consecutive k are a row of dY apart, often a page. Copy the tile's kc x MR block once, then
             // meet every panel of B with it; read in place, each panel paid a TLB miss per k.
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(static) nowait
             for (int ip = 0; ip < m_panels; ip++) {
                 float at[KC * MR] __attribute__((aligned(64)));
                 int mr = M - ip * MR < MR ? M - ip * MR : MR;
@@ -196,7 +200,7 @@ static void matmul_packed_team(float* c, long ldc, const float* a, long a_rs, lo
             continue;
         }
         // panels of B outermost: each thread keeps its B panels in cache while A streams by
-        #pragma omp for collapse(2) schedule(static)
+        #pragma omp for collapse(2) schedule(static) nowait
         for (int jp = 0; jp < n_panels; jp++) {
             for (int ip = 0; ip < m_panels; ip++) {
                 int mr = M - ip * MR < MR ? M - ip * MR : MR;
