@@ -1,8 +1,10 @@
 // driver.h: the training driver shared by the CPU and GPU trainers. The Backend table a model fills,
-// the flags, and train_main: data, carried state, logging, eval, sampling and checkpoints. Include
-// after the model (the host model draws the initial weights and samples).
+// the flags, and train_main: data, carried state, logging, eval, sampling and checkpoints, in one
+// process or data-parallel over MPI ranks (dist.h). Include after the model (the host model draws
+// the initial weights and samples).
 #pragma once
 #include "common.h"
+#include "dist.h"
 #include "fileio.h"
 
 // backends: train_main runs any model that fills this table (the CPU model in c/train_rnn.c,
@@ -21,7 +23,9 @@ typedef struct {
     int (*set_state)(void* self, const float* h, const float* c);
     int (*get_state)(void* self, float* h, float* c);
     // forward from the carried state, backward, clip, AdamW (skipped when the gradient is not
-    // finite); the final state becomes the carried state
+    // finite); the final state becomes the carried state. Between backward and the update it calls
+    // dist_step_mean (dist.h), which agrees with the other ranks on the step and averages the loss and
+    // gradients over them (nothing in one process). B is this rank's share of the streams.
     int (*train_step)(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets, const StepParams* sp);
     // forward only, no dropout, from host state h, c, which it overwrites with the final state
     int (*eval_step)(void* self, float* loss, const int* inputs, const int* targets, float* h, float* c);
@@ -152,21 +156,24 @@ static double now_ms(void) {
 }
 
 // mean loss over every batch of the val split, in the char-rnn stream layout, the state starting at
-// zeros and carried across batches
-static int evaluate(float* val_loss, const Backend* be, void* run, const TokenFile* val, int B, int T, int* inputs,
-                    int* targets, float* h, float* c, size_t lbh) {
+// zeros and carried across batches. Each rank evaluates its own local_B streams of every batch and
+// the ranks' means are averaged; every rank returns the same outcome.
+static int evaluate(float* val_loss, const Backend* be, void* run, const TokenFile* val, int B, int T, int local_B,
+                    int* inputs, int* targets, float* h, float* c, size_t local_lbh) {
     DataLoader d;
-    if (loader_init(&d, val, B, T, "val")) return -1;
-    memset(h, 0, lbh * sizeof(float));
-    memset(c, 0, lbh * sizeof(float));
+    int status = loader_init(&d, val, B, T, "val");
+    size_t first = (size_t)dist_first_stream(local_B) * T;
     double total = 0.0;
-    for (long k = 0; k < d.n_batches; k++) {
-        float loss;
+    memset(h, 0, local_lbh * sizeof(float));
+    memset(c, 0, local_lbh * sizeof(float));
+    for (long k = 0; status == 0 && k < d.n_batches; k++) {
+        float loss = 0.0f;
         loader_next(&d, inputs, targets);
-        if (be->eval_step(run, &loss, inputs, targets, h, c)) return -1;
+        status = be->eval_step(run, &loss, inputs + first, targets + first, h, c);
         total += loss;
     }
-    *val_loss = (float)(total / (double)d.n_batches);
+    if (dist_agree_sum(status, &total, 1)) return -1;
+    *val_loss = (float)(total / ((double)d.n_batches * dist.size));
     return 0;
 }
 
@@ -193,6 +200,11 @@ typedef struct {
 
 static int save_checkpoint(CkptKeeper* keeper, Checkpoint* k) {
     char name[64], path[4096], latest[4096];
+    size_t P = model_num_params(k->config);
+    if (!isfinite(sum_squares(k->params, P) + sum_squares(k->m, P) + sum_squares(k->v, P)))
+        // a finite loss and gradient can still overflow the update (e.g. a huge -l): never save that
+        return fail("step %d: the parameters or AdamW state overflowed in the update; stopping without saving "
+                    "(the last checkpoint in %s is intact; try a smaller -l)", k->step, keeper->out_dir);
     snprintf(name, sizeof(name), "ckpt_%08d.bin", k->step);
     snprintf(path, sizeof(path), "%s/%s", keeper->out_dir, name);
     snprintf(latest, sizeof(latest), "%s/latest", keeper->out_dir);
@@ -207,9 +219,40 @@ static int save_checkpoint(CkptKeeper* keeper, Checkpoint* k) {
     return 0;
 }
 
-#define TRY(x) do { if ((x) != 0) goto error; } while (0)
+// the rows of streams [first, first + n) of every layer of an (L, B, H) state, into mine (L, n, H)
+static void take_streams(float* mine, const float* all, int L, int B, int first, int n, int H) {
+    size_t row = (size_t)H * sizeof(float);
+    for (int l = 0; l < L; l++) memcpy(mine + (size_t)l * n * H, all + ((size_t)l * B + first) * H, n * row);
+}
 
-int train_main(int argc, char** argv, const Backend* be) {
+// threads per rank: -P, else OMP_NUM_THREADS, else this rank's share of the cores it may run on (a
+// rank that mpiexec bound to its own cores sees only those, and keeps them all)
+static void set_threads(int threads) {
+    if (threads > 0) { omp_set_num_threads(threads); return; }
+    if (dist.local_ranks > 1 && !getenv("OMP_NUM_THREADS") && omp_get_max_threads() >= sysconf(_SC_NPROCESSORS_ONLN)) {
+        int share = omp_get_max_threads() / dist.local_ranks;
+        omp_set_num_threads(share > 1 ? share : 1);
+    }
+}
+
+// -o and its log.jsonl, appended to when resuming
+static int open_log(FILE** log, const char* out_dir, int append) {
+    char path[4096];
+    if (make_dirs(out_dir)) return -1;
+    snprintf(path, sizeof(path), "%s/log.jsonl", out_dir);
+    *log = fopen(path, append ? "a" : "w");
+    if (!*log) return fail("-o %s: cannot write %s: %s", out_dir, path, strerror(errno));
+    return 0;
+}
+
+// Every failure is agreed on, so all ranks leave for `error` together and none is left waiting in a
+// collective: TRY(x) for a step that may fail on one rank alone (one small all-reduce of the outcome;
+// nothing in one process), SAME(x) for one whose outcome every rank already shares (a decision on
+// the same numbers, or a collective that agrees itself: train_step, evaluate).
+#define TRY(x) do { if (dist_agree((x) != 0 ? -1 : 0)) goto error; } while (0)
+#define SAME(x) do { if ((x) != 0) goto error; } while (0)
+
+static int train_run(int argc, char** argv, const Backend* be) {
     TrainArgs a = {
         "data/tinyshakespeare/train.bin", "data/tinyshakespeare/val.bin", "out", "", "lstm", "stop",
         2, 128, 256, 32, 64, 2000, 200, 500, 0,
@@ -248,19 +291,20 @@ int train_main(int argc, char** argv, const Backend* be) {
     };
     int n_flags = sizeof(flags) / sizeof(flags[0]);
     int status = parse_flags(flags, n_flags, argc, argv);
-    if (status) { if (status < 0) fprintf(stderr, "error: %s\n", pyrnn_last_error()); return status < 0 ? 2 : 0; }
-    if (check_args(&a)) { fprintf(stderr, "error: %s\n", pyrnn_last_error()); return 2; }
+    // every rank parses the same flags, so all stop here alike; rank 0 says why
+    if (status) { if (status < 0 && dist.rank == 0) fprintf(stderr, "error: %s\n", pyrnn_last_error()); return status < 0 ? 2 : 0; }
+    if (check_args(&a)) { if (dist.rank == 0) fprintf(stderr, "error: %s\n", pyrnn_last_error()); return 2; }
 
     TokenFile train = { 0 }, val = { 0 };
     Checkpoint ck = { 0 };
     void* run = NULL;
     Model* sampler = NULL;
     FILE* log = NULL;
-    float *params = NULL, *m = NULL, *v = NULL, *h = NULL, *c = NULL;
+    float *params = NULL, *m = NULL, *v = NULL, *h = NULL, *c = NULL, *h_all = NULL, *c_all = NULL;
     int *inputs = NULL, *targets = NULL;
-    int exit_code = 1, have_val = a.val_path[0] != 0;
+    int exit_code = 1, have_val = a.val_path[0] != 0, lead = dist.rank == 0;
     char path[4096];
-    if (a.threads > 0) omp_set_num_threads(a.threads);
+    set_threads(a.threads);
 
     // one block for the run: every `goto error` leaves the scope of what it declares (C++ compiles
     // this file too, and forbids jumping over an initialisation)
@@ -269,7 +313,7 @@ int train_main(int argc, char** argv, const Backend* be) {
         if (have_val) {
             TRY(tokens_load(&val, a.val_path));
             if (val.vocab_size != train.vocab_size || memcmp(val.vocab, train.vocab, 256) != 0)
-                { fail("%s and %s have different vocabularies", a.train_path, a.val_path); goto error; }
+                TRY(fail("%s and %s have different vocabularies", a.train_path, a.val_path));
         }
         Config cfg = { cell_from_name(a.cell_name), train.vocab_size, a.embed_size, a.hidden_size, a.n_layers };
         int start_step = 0;
@@ -280,29 +324,21 @@ int train_main(int argc, char** argv, const Backend* be) {
             Config k = ck.config;
             // flags given explicitly must agree with the checkpoint; the rest come from it
             if ((given(flags, n_flags, 'c') && k.cell != cfg.cell) || (given(flags, n_flags, 'L') && k.n_layers != cfg.n_layers) ||
-                (given(flags, n_flags, 'E') && k.embed_size != cfg.embed_size) || (given(flags, n_flags, 'H') && k.hidden_size != cfg.hidden_size)) {
-                fail("%s holds a %s model with L=%d E=%d H=%d, which does not match the flags given", ck_path,
-                     cell_names[k.cell], k.n_layers, k.embed_size, k.hidden_size);
-                goto error;
-            }
-            if (k.vocab_size != train.vocab_size || memcmp(ck.vocab, train.vocab, 256) != 0) {
-                fail("%s was trained on a vocabulary of %d symbols that differs from %s (%d)", ck_path, k.vocab_size,
-                     a.train_path, train.vocab_size);
-                goto error;
-            }
+                (given(flags, n_flags, 'E') && k.embed_size != cfg.embed_size) || (given(flags, n_flags, 'H') && k.hidden_size != cfg.hidden_size))
+                TRY(fail("%s holds a %s model with L=%d E=%d H=%d, which does not match the flags given", ck_path,
+                         cell_names[k.cell], k.n_layers, k.embed_size, k.hidden_size));
+            if (k.vocab_size != train.vocab_size || memcmp(ck.vocab, train.vocab, 256) != 0)
+                TRY(fail("%s was trained on a vocabulary of %d symbols that differs from %s (%d)", ck_path, k.vocab_size,
+                         a.train_path, train.vocab_size));
+            // the global stream layout (-b is the global batch): any number of ranks that divides B resumes it
             if (ck.B > 0 && (ck.B != a.B || ck.T != a.T)) {
-                if (given(flags, n_flags, 'b') || given(flags, n_flags, 't')) {
-                    fail("%s was trained with -b %d -t %d; resuming needs the same stream layout", ck_path, ck.B, ck.T);
-                    goto error;
-                }
+                if (given(flags, n_flags, 'b') || given(flags, n_flags, 't'))
+                    TRY(fail("%s was trained with -b %d -t %d; resuming needs the same stream layout", ck_path, ck.B, ck.T));
                 a.B = ck.B; a.T = ck.T;
             }
             // so does the carried-state mode, which decides what the data position means
             if (ck.B > 0 && ck.carry != a.carry) {
-                if (given(flags, n_flags, 'C')) {
-                    fail("%s was trained with -C %d; resuming needs the same -C", ck_path, ck.carry);
-                    goto error;
-                }
+                if (given(flags, n_flags, 'C')) TRY(fail("%s was trained with -C %d; resuming needs the same -C", ck_path, ck.carry));
                 a.carry = ck.carry;
             }
             TRY(check_args(&a));   // what came from the file obeys the same limits as flags
@@ -310,34 +346,43 @@ int train_main(int argc, char** argv, const Backend* be) {
             start_step = ck.step;
             printf("resuming from %s at step %d\n", ck_path, ck.step);
         }
+        if (a.B % dist.size != 0)
+            TRY(fail("-b %d is the global batch, which the %d ranks must divide evenly: use a -b divisible by %d, or "
+                     "a number of ranks that divides %d", a.B, dist.size, dist.size, a.B));
+        int local_B = a.B / dist.size, first = dist_first_stream(local_B);
+        if (dist.size > 1 && (size_t)local_B * cfg.hidden_size > 2147483647u) TRY(fail("-b / ranks x -H is too large"));
 
         DataLoader loader;
         TRY(loader_init(&loader, &train, a.B, a.T, "train"));
         if (have_val) { DataLoader probe; TRY(loader_init(&probe, &val, a.B, a.T, "val")); }
-        TRY(make_dirs(a.out_dir));
-        snprintf(path, sizeof(path), "%s/log.jsonl", a.out_dir);
-        log = fopen(path, a.resume[0] ? "a" : "w");
-        if (!log) { fail("-o %s: cannot write %s: %s", a.out_dir, path, strerror(errno)); goto error; }
+        TRY(lead ? open_log(&log, a.out_dir, a.resume[0] != 0) : 0);   // rank 0 alone writes the log and checkpoints
 
-        size_t P = model_num_params(cfg), lbh = (size_t)cfg.n_layers * a.B * cfg.hidden_size, bt = (size_t)a.B * a.T;
+        // h, c: this rank's carried state (L, B/R, H); h_all, c_all on rank 0: every stream's, for checkpoints
+        size_t P = model_num_params(cfg), lbh = (size_t)cfg.n_layers * local_B * cfg.hidden_size, bt = (size_t)a.B * a.T;
         params = (float*)alloc_floats(P); m = (float*)alloc_floats(P); v = (float*)alloc_floats(P);
         h = (float*)alloc_floats(lbh); c = (float*)alloc_floats(lbh);
+        if (lead) { h_all = (float*)alloc_floats(lbh * dist.size); c_all = (float*)alloc_floats(lbh * dist.size); }
         inputs = (int*)malloc(bt * sizeof(int)); targets = (int*)malloc(bt * sizeof(int));
         sampler = model_new(cfg);
-        if (!params || !m || !v || !h || !c || !inputs || !targets || !sampler) { fail("out of memory"); goto error; }
-        run = be->create(cfg, a.B, a.T, a.dropout);
-        if (!run) goto error;
+        TRY(params && m && v && h && c && (!lead || (h_all && c_all)) && inputs && targets && sampler ? 0 : fail("out of memory"));
+        run = be->create(cfg, local_B, a.T, a.dropout);
+        TRY(run ? 0 : -1);
         if (a.resume[0]) {
+            // every rank read the same file, and takes its own streams' states from it
             TRY(be->set_params(run, ck.params, ck.m, ck.v, ck.adam_t, ck.rng));
             if (ck.B == a.B && ck.T == a.T) {   // same stream layout: continue where it stopped
-                TRY(be->set_state(run, a.carry ? ck.h : NULL, a.carry ? ck.c : NULL));
+                take_streams(h, ck.h, cfg.n_layers, a.B, first, local_B, cfg.hidden_size);
+                if (ck.c) take_streams(c, ck.c, cfg.n_layers, a.B, first, local_B, cfg.hidden_size);
+                TRY(be->set_state(run, a.carry ? h : NULL, a.carry && ck.c ? c : NULL));
                 loader.pos = (long)(ck.data_pos % loader.n_batches);
             } else {                            // saved without a layout (B = 0): start of the data
                 TRY(be->set_state(run, NULL, NULL));
             }
         } else {
-            // one init for every backend: the host model draws the weights from the seed
+            // one init for every backend: the host model draws the weights from the seed, and every
+            // rank starts from rank 0's draw
             model_init(sampler, (uint64_t)a.seed);
+            dist_bcast_floats(sampler->params, P);
             TRY(be->set_params(run, sampler->params, NULL, NULL, 0, sampler->rng));
             TRY(be->set_state(run, NULL, NULL));
         }
@@ -345,6 +390,7 @@ int train_main(int argc, char** argv, const Backend* be) {
         printf("pyrnn %s | %s L=%d E=%d H=%d V=%d | %.2fM params | B=%d T=%d | lr %g wd %g clip %g | threads %d\n",
                be->name, cell_names[cfg.cell], cfg.n_layers, cfg.embed_size, cfg.hidden_size, cfg.vocab_size, P / 1e6,
                a.B, a.T, a.lr, a.weight_decay, a.grad_clip, omp_get_max_threads());
+        if (dist.size > 1) printf("%d ranks, %d streams and %d threads each\n", dist.size, local_B, omp_get_max_threads());
         printf("train %zu tokens (%ld batches per pass), val %zu tokens\n", train.n_tokens, loader.n_batches, val.n_tokens);
 
         CkptKeeper keeper;
@@ -358,9 +404,13 @@ int train_main(int argc, char** argv, const Backend* be) {
             int wrapped = loader_next(&loader, inputs, targets);
             if (!a.carry || wrapped) TRY(be->set_state(run, NULL, NULL));   // a new pass does not continue the last one
             float loss = 0.0f, norm = 0.0f;
-            double t0 = now_ms();
-            TRY(be->train_step(run, &loss, &norm, inputs, targets, &sp));
-            double ms = now_ms() - t0;
+            double t0 = now_ms(), comm0 = dist.comm_ms;
+            dist.step_averaged = 0;
+            // the backend agrees on the step's outcome itself (dist_step_mean, before its gradients' all-reduce)
+            SAME(be->train_step(run, &loss, &norm, inputs + (size_t)first * a.T, targets + (size_t)first * a.T, &sp));
+            double ms = now_ms() - t0, comm_ms = dist.comm_ms - comm0;
+            if (dist.size > 1 && !dist.step_averaged)
+                SAME(fail("the %s backend does not average its gradients over ranks: run it as one process", be->name));
             if (!isfinite(loss) || !isfinite(norm)) {
                 if (!skip) {
                     fail("step %d: the %s is %s; stopping (the last checkpoint in %s is intact; -N skip skips such steps)",
@@ -372,38 +422,41 @@ int train_main(int argc, char** argv, const Backend* be) {
                 printf("step %d: non-finite %s, update skipped and state reset\n", step + 1, isfinite(loss) ? "gradient" : "loss");
                 TRY(be->set_state(run, NULL, NULL));
             } else {
-                printf("step %5d/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms | %.0f tok/s\n", step + 1, a.max_steps,
-                       loss, norm, sp.lr, ms, bt / (ms / 1e3));
-                fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"grad_norm\": %.6f, \"lr\": %.6g, \"ms\": %.3f, "
-                        "\"tok_s\": %.1f}\n", step + 1, loss, norm, sp.lr, ms, bt / (ms / 1e3));
+                char comm[64] = "";
+                if (dist.size > 1) snprintf(comm, sizeof(comm), " (all-reduce %.1f)", comm_ms);
+                printf("step %5d/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms%s | %.0f tok/s\n", step + 1, a.max_steps,
+                       loss, norm, sp.lr, ms, comm, bt / (ms / 1e3));
+                if (log) fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"grad_norm\": %.6f, \"lr\": %.6g, \"ms\": %.3f, "
+                                 "\"comm_ms\": %.3f, \"tok_s\": %.1f}\n", step + 1, loss, norm, sp.lr, ms, comm_ms, bt / (ms / 1e3));
             }
             int last = step + 1 == a.max_steps;
             if (have_val && ((a.eval_every && (step + 1) % a.eval_every == 0) || last)) {
-                TRY(evaluate(&val_loss, be, run, &val, a.B, a.T, inputs, targets, h, c, lbh));
+                SAME(evaluate(&val_loss, be, run, &val, a.B, a.T, local_B, inputs, targets, h, c, lbh));
                 printf("step %5d | val loss %.4f\n", step + 1, val_loss);
-                fprintf(log, "{\"step\": %d, \"val_loss\": %.6f}\n", step + 1, val_loss);
+                if (log) fprintf(log, "{\"step\": %d, \"val_loss\": %.6f}\n", step + 1, val_loss);
             }
-            fflush(log);
-            if ((a.sample_every && (step + 1) % a.sample_every == 0) || last) {
-                TRY(be->get_params(run, params, NULL, NULL, NULL, NULL));
-                print_sample(sampler, params, train.vocab, a.sample_len, a.temperature, a.top_k, (uint64_t)a.seed + step);
+            if (log) fflush(log);
+            if ((a.sample_every && (step + 1) % a.sample_every == 0) || last) {   // on rank 0
+                TRY(lead ? be->get_params(run, params, NULL, NULL, NULL, NULL) : 0);
+                if (lead) print_sample(sampler, params, train.vocab, a.sample_len, a.temperature, a.top_k, (uint64_t)a.seed + step);
             }
             if ((a.ckpt_every && (step + 1) % a.ckpt_every == 0) || last) {
+                // rank 0 writes its replica of the model and every rank's carried state, in global stream order
                 Checkpoint k;
                 memset(&k, 0, sizeof(k));
                 TRY(be->get_params(run, params, m, v, &k.adam_t, &k.rng));
-                if (!isfinite(sum_squares(params, P) + sum_squares(m, P) + sum_squares(v, P))) {
-                    // a finite loss and gradient can still overflow the update (e.g. a huge -l): never save that
-                    fail("step %d: the parameters or AdamW state overflowed in the update; stopping without saving "
-                         "(the last checkpoint in %s is intact; try a smaller -l)", step + 1, a.out_dir);
-                    goto error;
-                }
                 TRY(be->get_state(run, h, c));
+                // the replicas must hold the same bits, or rank 0's alone would hide the others' drift
+                if (dist.size > 1 && !dist_same(crc32_update(0, (const unsigned char*)params, P * sizeof(float))))
+                    SAME(fail("step %d: the ranks' parameters differ (every rank must run the same build with the same -P); "
+                              "stopping without saving (the last checkpoint in %s is intact)", step + 1, a.out_dir));
+                dist_gather_streams(h_all, h, cfg.n_layers, local_B, cfg.hidden_size);
+                dist_gather_streams(c_all, c, cfg.n_layers, local_B, cfg.hidden_size);
                 k.config = cfg; k.B = a.B; k.T = a.T; k.step = step + 1; k.carry = a.carry;
                 memcpy(k.vocab, train.vocab, 256);
-                k.params = params; k.m = m; k.v = v; k.h = h; k.c = c;
+                k.params = params; k.m = m; k.v = v; k.h = h_all; k.c = c_all;
                 k.data_pos = loader.pos;
-                TRY(save_checkpoint(&keeper, &k));
+                TRY(lead ? save_checkpoint(&keeper, &k) : 0);
                 printf("saved %s/%s\n", a.out_dir, keeper.previous[0]);
             }
         }
@@ -413,13 +466,22 @@ int train_main(int argc, char** argv, const Backend* be) {
     }
     goto done;
 error:
-    fprintf(stderr, "error: %s\n", pyrnn_last_error());
+    if (lead) fprintf(stderr, "error: %s\n", pyrnn_last_error());   // every rank holds the same message
 done:
     if (run) be->destroy(run);
     if (log) fclose(log);
     model_free(sampler);
-    free(params); free(m); free(v); free(h); free(c); free(inputs); free(targets);
+    free(params); free(m); free(v); free(h); free(c); free(h_all); free(c_all); free(inputs); free(targets);
     tokens_free(&train); tokens_free(&val); checkpoint_free(&ck);
     return exit_code;
 }
 
+int train_main(int argc, char** argv, const Backend* be) {
+    if (dist_init()) { fprintf(stderr, "error: %s\n", pyrnn_last_error()); return 1; }
+    // rank 0 alone prints (a rank whose stdout cannot be silenced prints too, which is harmless)
+    FILE* out = dist.rank > 0 ? freopen("/dev/null", "w", stdout) : stdout;
+    (void)out;
+    int exit_code = train_run(argc, argv, be);
+    dist_finalize();
+    return exit_code;
+}

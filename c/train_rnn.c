@@ -154,12 +154,28 @@ static void gru_cell_backward(float* dgates, float* dgates_h, float* dh, const f
 }
 
 // ----------------------------------------------------------------------------
-// dropout: mask holds 0 or 1/(1-p), so the backward pass is the same multiply
+// dropout: mask holds 0 or 1/(1-p), so the backward pass is the same multiply. The draws are
+// counter-based: element (t, stream, j) of a site (a layer's output, or the head's input) is draw j
+// of a splitmix64 sequence seeded by hashing (key, site, t, global stream), so a mask depends on the
+// pass's key and the global stream, never on which process holds the stream or how many it holds
+// (data-parallel ranks draw what one process would). x is (T, B, H), row t*B + b being global
+// stream first + b.
 
-static void dropout_forward(float* y, float* mask, const float* x, size_t n, float p, uint64_t* rng) {
+static void dropout_forward(float* y, float* mask, const float* x, float p, uint64_t key, int site, int first,
+                            int T, int B, int H) {
     float scale = 1.0f / (1.0f - p);
-    for (size_t i = 0; i < n; i++) mask[i] = rng_uniform(rng) < p ? 0.0f : scale;
-    for (size_t i = 0; i < n; i++) y[i] = x[i] * mask[i];
+    uint64_t site_seed = key + (uint64_t)site;
+    uint64_t site_key = rng_next(&site_seed);
+    #pragma omp parallel for schedule(static) if ((long)T * B * H > PAR_MIN_WORK)
+    for (long r = 0; r < (long)T * B; r++) {
+        uint64_t row_seed = site_key ^ ((uint64_t)(r / B) << 32 | (uint32_t)(first + r % B));
+        uint64_t draws = rng_next(&row_seed);
+        for (int j = 0; j < H; j++) {
+            size_t i = (size_t)r * H + j;
+            mask[i] = rng_uniform(&draws) < p ? 0.0f : scale;
+            y[i] = x[i] * mask[i];
+        }
+    }
 }
 
 static void dropout_backward(float* dx, const float* mask, size_t n) {
@@ -175,7 +191,9 @@ typedef struct {
     float dropout;       // between layers, applied while training
     int training;
     int dropped;         // whether the last forward applied dropout (backward must match it)
-    uint64_t* rng;       // the owner's generator, for dropout masks
+    uint64_t* rng;       // the owner's generator: one draw per pass that drops, the key of its masks
+    uint64_t drop_key;   // the last pass's
+    int first_stream;    // global index of batch row 0 (a data-parallel rank's first stream)
     MatmulScratch* mm;   // the owner's GEMM scratch
     // per-layer pointer tables into the parameter and gradient buffers
     float **w_ih, **w_hh, **b_ih, **b_hh;
@@ -509,8 +527,9 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
 static int stack_forward_acts(Stack* s, const float* x, const float* h0, const float* c0, int B, int T) {
     if (stack_reserve(s, B, T)) return -1;
     int L = s->n_layers, H = s->hidden_size;
-    size_t bh = (size_t)B * H, bt = (size_t)B * T;
+    size_t bh = (size_t)B * H;
     s->dropped = s->training && s->dropout > 0.0f;
+    if (s->dropped) s->drop_key = rng_next(s->rng);
     s->xin[0] = (float*)x;
     for (int l = 0; l < L; l++) {
         if (h0) memcpy(s->h[l], h0 + l * bh, bh * sizeof(float)); else memset(s->h[l], 0, bh * sizeof(float));
@@ -518,7 +537,7 @@ static int stack_forward_acts(Stack* s, const float* x, const float* h0, const f
             if (c0) memcpy(s->c[l], c0 + l * bh, bh * sizeof(float)); else memset(s->c[l], 0, bh * sizeof(float));
         }
         if (l > 0 && s->dropped)
-            dropout_forward(s->xin[l], s->mask[l - 1], s->h[l - 1] + bh, bt * H, s->dropout, s->rng);
+            dropout_forward(s->xin[l], s->mask[l - 1], s->h[l - 1] + bh, s->dropout, s->drop_key, l, s->first_stream, T, B, H);
         layer_forward(s, l);
     }
     return 0;
@@ -753,7 +772,8 @@ int model_forward(Model* m, const int* inputs, const int* targets, const float* 
     if (!lookup) embedding_forward(m->x, m->emb, m->inputs, (long)bt, m->config.embed_size);
     if (stack_forward_acts(&m->rnn, lookup ? NULL : m->x, h0, c0, B, T)) return -1;
     const float* top = m->rnn.h[m->config.n_layers - 1] + (size_t)B * H;
-    if (m->rnn.dropped) dropout_forward(m->head_in, m->head_mask, top, bt * H, m->dropout, &m->rng);
+    if (m->rnn.dropped)
+        dropout_forward(m->head_in, m->head_mask, top, m->dropout, m->rnn.drop_key, m->config.n_layers, m->rnn.first_stream, T, B, H);
     m->head_x = m->rnn.dropped ? m->head_in : top;
     matmul(&m->mm, m->logits, m->head_x, H, 1, m->head_w, 1, H, (int)bt, V, H, 0);
     // bias, then log-sum-exp per row and the mean cross-entropy
@@ -904,7 +924,8 @@ int model_sample(Model* m, int* out, const int* prime, int n_prime, int n, float
 
 // test hook: PYRNN_FAULT_NAN_GRAD_STEP=N (read once, in cpu_create) sets one gradient element to NaN
 // after the backward pass of optimizer step N (1-based; the training step when none was skipped),
-// once per process, so tests can reach the non-finite-gradient path (-N stop / skip). Unset: no effect.
+// once per process, so tests can reach the non-finite-gradient path (-N stop / skip); set on one rank
+// only, it poisons that rank's gradient before the ranks average it. Unset: no effect.
 typedef struct { Model* m; float *h, *c; int B, T; int fault_nan_step; } CpuRun;
 
 static void cpu_destroy(void* self) {
@@ -923,6 +944,7 @@ static void* cpu_create(Config c, int B, int T, float dropout) {
     r->B = B; r->T = T;
     if (!r->m || !r->h || !r->c) { if (r->m) fail("out of memory"); cpu_destroy(r); return NULL; }
     model_set_training(r->m, 1, dropout);   // the dropout generator's state arrives with set_params
+    r->m->rnn.first_stream = dist_first_stream(B);   // masks follow the global stream
     const char* fault = getenv("PYRNN_FAULT_NAN_GRAD_STEP");
     r->fault_nan_step = fault ? atoi(fault) : 0;
     return r;
@@ -974,11 +996,13 @@ static int cpu_get_state(void* self, float* h, float* c) {
 static int cpu_train_step(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets, const StepParams* sp) {
     CpuRun* r = (CpuRun*)self;
     Model* m = r->m;
-    if (model_forward(m, inputs, targets, r->h, r->c, r->B, r->T)) return -1;
+    int status = model_forward(m, inputs, targets, r->h, r->c, r->B, r->T);
+    if (status == 0) { model_zero_grad(m); status = model_backward(m); }
+    if (status == 0 && r->fault_nan_step > 0 && m->adam_t + 1 == r->fault_nan_step) { m->grads[0] = NAN; r->fault_nan_step = 0; }
+    // every rank reaches this, failed or not: the loss and gradients become means over all ranks' streams
     *loss = m->loss;
-    model_zero_grad(m);
-    if (model_backward(m)) return -1;
-    if (r->fault_nan_step > 0 && m->adam_t + 1 == r->fault_nan_step) { m->grads[0] = NAN; r->fault_nan_step = 0; }
+    if (dist_step_mean(status, loss, m->grads, m->num_params)) return -1;
+    // replicated on every rank; set_params allocated the AdamW state, so nothing below fails
     if (model_step(m, sp->lr, sp->beta1, sp->beta2, sp->eps, sp->weight_decay, sp->max_grad_norm, grad_norm)) return -1;
     return cpu_set_state(self, m->h_n, m->c_n);
 }
