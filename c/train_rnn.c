@@ -202,6 +202,7 @@ typedef struct {
     float* zero_bias_grad;
     // activations of the last forward, capacity for max_bt rows of B*T
     int B, T;
+    const int* lengths;  // (B) packed-sequence lengths in [1, T], or NULL: every row runs all T steps
     size_t max_bt, max_b;
     float* acts_memory;
     float **h;           // (T+1, B, H): row block 0 is h0
@@ -438,6 +439,16 @@ static void project_inputs_backward(Stack* s, int l, float* dxin, ProjPhase phas
     }
 }
 
+// Packed sequences: rows [r0, end) split into runs alike at step t, each either running (*on = 1)
+// or past its sequence's end; returns the end of the run that starts at r0
+static int next_run(int* on, const Stack* s, int t, int r0, int end) {
+    if (!s->lengths) { *on = 1; return end; }
+    *on = t < s->lengths[r0];
+    int r1 = r0 + 1;
+    while (r1 < end && (t < s->lengths[r1]) == *on) r1++;
+    return r1;
+}
+
 static void layer_forward(Stack* s, int l) {
     int B = s->B, T = s->T, H = s->hidden_size, GH = cell_gates(s->cell) * H;
     size_t bh = (size_t)B * H;
@@ -455,15 +466,25 @@ static void layer_forward(Stack* s, int l) {
             float* gx = gates + (size_t)t * B * GH;
             project_inputs_forward(s, l, PROJ_STEP, t, b0, b1);
             matmul_packed_rows(s->gh + (size_t)b0 * GH, GH, h + t * bh + (size_t)b0 * H, H, s->w_packed, b1 - b0, GH, H, 0);
-            switch (s->cell) {
-            case CELL_RNN: case CELL_RNN_RELU:
-                rnn_cell_forward(h + (t + 1) * bh, gx, s->gh, s->b_ih[l], s->b_hh[l], s->cell == CELL_RNN_RELU, b0, b1, H); break;
-            case CELL_LSTM:
-                lstm_cell_forward(h + (t + 1) * bh, s->c[l] + (t + 1) * bh, gx, s->gh, s->c[l] + t * bh,
-                                  s->b_ih[l], s->b_hh[l], b0, b1, H); break;
-            case CELL_GRU:
-                gru_cell_forward(h + (t + 1) * bh, gx, s->hn[l] + t * bh, s->gh, h + t * bh,
-                                 s->b_ih[l], s->b_hh[l], b0, b1, H); break;
+            for (int r0 = b0, r1, on; r0 < b1; r0 = r1) {   // runs of rows whose sequence goes on, or has ended
+                r1 = next_run(&on, s, t, r0, b1);
+                if (!on) {   // an ended sequence holds its state, so h_n is the state at its last step
+                    memcpy(h + (t + 1) * bh + (size_t)r0 * H, h + t * bh + (size_t)r0 * H, (size_t)(r1 - r0) * H * sizeof(float));
+                    if (s->cell == CELL_LSTM)
+                        memcpy(s->c[l] + (t + 1) * bh + (size_t)r0 * H, s->c[l] + t * bh + (size_t)r0 * H,
+                               (size_t)(r1 - r0) * H * sizeof(float));
+                    continue;
+                }
+                switch (s->cell) {
+                case CELL_RNN: case CELL_RNN_RELU:
+                    rnn_cell_forward(h + (t + 1) * bh, gx, s->gh, s->b_ih[l], s->b_hh[l], s->cell == CELL_RNN_RELU, r0, r1, H); break;
+                case CELL_LSTM:
+                    lstm_cell_forward(h + (t + 1) * bh, s->c[l] + (t + 1) * bh, gx, s->gh, s->c[l] + t * bh,
+                                      s->b_ih[l], s->b_hh[l], r0, r1, H); break;
+                case CELL_GRU:
+                    gru_cell_forward(h + (t + 1) * bh, gx, s->hn[l] + t * bh, s->gh, h + t * bh,
+                                     s->b_ih[l], s->b_hh[l], r0, r1, H); break;
+                }
             }
         }
     }
@@ -502,13 +523,21 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
             float* dg = s->dgates + (size_t)t * B * GH;
             float* dgh = s->dgates_h + (size_t)t * B * GH;
             const float* g = s->gates[l] + (size_t)t * B * GH;
-            switch (s->cell) {
-            case CELL_RNN: case CELL_RNN_RELU:
-                rnn_cell_backward(dg, dh, dy_t, h + (t + 1) * bh, s->cell == CELL_RNN_RELU, b0, b1, H); break;
-            case CELL_LSTM:
-                lstm_cell_backward(dg, dh, dc, dy_t, g, s->c[l] + (t + 1) * bh, s->c[l] + t * bh, b0, b1, H); break;
-            case CELL_GRU:
-                gru_cell_backward(dg, dgh, dh, dy_t, g, s->hn[l] + t * bh, h + t * bh, b0, b1, H); break;
+            for (int r0 = b0, r1, on; r0 < b1; r0 = r1) {
+                r1 = next_run(&on, s, t, r0, b1);
+                if (!on) {   // the held state passes dh and dc through unchanged; no gate saw this step
+                    memset(dg + (size_t)r0 * GH, 0, (size_t)(r1 - r0) * GH * sizeof(float));
+                    if (dgh != dg) memset(dgh + (size_t)r0 * GH, 0, (size_t)(r1 - r0) * GH * sizeof(float));
+                    continue;
+                }
+                switch (s->cell) {
+                case CELL_RNN: case CELL_RNN_RELU:
+                    rnn_cell_backward(dg, dh, dy_t, h + (t + 1) * bh, s->cell == CELL_RNN_RELU, r0, r1, H); break;
+                case CELL_LSTM:
+                    lstm_cell_backward(dg, dh, dc, dy_t, g, s->c[l] + (t + 1) * bh, s->c[l] + t * bh, r0, r1, H); break;
+                case CELL_GRU:
+                    gru_cell_backward(dg, dgh, dh, dy_t, g, s->hn[l] + t * bh, h + t * bh, r0, r1, H); break;
+                }
             }
             matmul_packed_rows(dh + (size_t)b0 * H, H, dgh + (size_t)b0 * GH, GH, s->w_packed, b1 - b0, H, GH, 1);
             project_inputs_backward(s, l, dxin, PROJ_STEP, t, b0, b1);
@@ -575,6 +604,8 @@ typedef struct {
     float* grads;
     float* x;            // copy of the last input, which backward reads
     size_t x_cap;
+    int* lengths;        // copy of the last forward's sequence lengths (B), or NULL
+    size_t lengths_cap;
     MatmulScratch mm;
 } Layer;
 
@@ -582,7 +613,7 @@ void layer_free(Layer* m) {
     if (!m) return;
     stack_free(&m->s);
     matmul_scratch_free(&m->mm);
-    free(m->params); free(m->grads); free(m->x);
+    free(m->params); free(m->grads); free(m->x); free(m->lengths);
     free(m);
 }
 
@@ -602,10 +633,31 @@ Layer* layer_new(int cell, int input_size, int hidden_size, int n_layers, int ha
     return m;
 }
 
-// x (T, B, input_size) -> out (T, B, H), h_n / c_n (L, B, H); h0 / c0 may be NULL (zeros)
+// rows t >= lengths[b] of a (T, B, width) block, zeroed: what a packed sequence holds past its end
+static void zero_past_lengths(float* y, const int* lengths, int B, int T, int width) {
+    for (int t = 0; t < T && lengths; t++)
+        for (int b = 0; b < B; b++)
+            if (t >= lengths[b]) memset(y + ((size_t)t * B + b) * width, 0, (size_t)width * sizeof(float));
+}
+
+// x (T, B, input_size) -> out (T, B, H), h_n / c_n (L, B, H); h0 / c0 may be NULL (zeros). lengths
+// (B, each in [1, T]) or NULL: torch's packed sequences, so out is zero past a sequence's end and
+// h_n / c_n hold each sequence's state at its last step
 int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float* x, const float* h0,
-                      const float* c0, int B, int T) {
+                      const float* c0, const int* lengths, int B, int T) {
     if (check_batch_shape(B, T)) return -1;
+    if (lengths) {
+        for (int b = 0; b < B; b++)
+            if (lengths[b] < 1 || lengths[b] > T) return fail("length %d of sequence %d is outside [1, %d]", lengths[b], b, T);
+        if ((size_t)B > m->lengths_cap) {
+            free(m->lengths);
+            m->lengths = (int*)malloc((size_t)B * sizeof(int));
+            m->lengths_cap = m->lengths ? (size_t)B : 0;
+            if (!m->lengths) return fail("out of memory");
+        }
+        memcpy(m->lengths, lengths, (size_t)B * sizeof(int));
+    }
+    m->s.lengths = lengths ? m->lengths : NULL;
     size_t n = (size_t)T * B * m->s.input_size;
     if (n > m->x_cap) {
         free(m->x);
@@ -617,6 +669,7 @@ int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float*
     if (stack_forward_acts(&m->s, m->x, h0, c0, B, T)) return -1;
     size_t bh = (size_t)B * m->s.hidden_size;
     memcpy(out, m->s.h[m->s.n_layers - 1] + bh, (size_t)T * bh * sizeof(float));
+    zero_past_lengths(out, m->s.lengths, B, T, m->s.hidden_size);
     stack_final_states(h_n, c_n, &m->s);
     return 0;
 }
@@ -626,6 +679,7 @@ int layer_backward_api(Layer* m, float* dx, float* dh0, float* dc0, const float*
                        const float* dc_n) {
     if (!m->s.B) return fail("backward called before forward");
     memcpy(m->s.dy, dout, (size_t)m->s.T * m->s.B * m->s.hidden_size * sizeof(float));
+    zero_past_lengths(m->s.dy, m->s.lengths, m->s.B, m->s.T, m->s.hidden_size);   // those outputs were zeros
     stack_backward_acts(&m->s, dx, dh0, dc0, dh_n, dc_n);
     return 0;
 }

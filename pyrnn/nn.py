@@ -273,7 +273,7 @@ class _RNNBase:
             with _lock:
                 rc = lib.layer_forward_api(self._ptr, _c_array(ffi, out), _c_array(ffi, h_n),
                                            _c_array(ffi, c_n), _c_array(ffi, x), _c_array(ffi, h0),
-                                           _c_array(ffi, c0), B, T)
+                                           _c_array(ffi, c0), ffi.NULL, B, T)
             _c_check(ffi, lib, rc)
             cache = None
         self._last = dict(T=T, B=B, unbatched=unbatched, cache=cache)
