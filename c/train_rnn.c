@@ -666,6 +666,8 @@ int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float*
         if (!m->x) return fail("out of memory for the input copy");
     }
     memcpy(m->x, x, n * sizeof(float));
+    // padding past a sequence's end is never read as input, but dW_ih sums over every row of x
+    zero_past_lengths(m->x, m->s.lengths, B, T, m->s.input_size);
     if (stack_forward_acts(&m->s, m->x, h0, c0, B, T)) return -1;
     size_t bh = (size_t)B * m->s.hidden_size;
     memcpy(out, m->s.h[m->s.n_layers - 1] + bh, (size_t)T * bh * sizeof(float));

@@ -1,7 +1,6 @@
 """pyrnn command line: prepare | train | sample | plot | bench  (python -m pyrnn CMD -h)."""
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -32,8 +31,8 @@ def cmd_sample(args):
     if missing:
         raise ValueError(f"--prime has characters outside the model's vocabulary: {bytes(missing)!r}")
     ids = data.encode(prime, vocab).astype(np.int32)
-    out = model.sample(ids, args.length, temperature=0.0 if args.argmax else args.temperature,
-                       top_k=args.top_k, seed=args.seed)
+    out = model.sample(ids, args.length, temperature=1.0 if args.argmax else args.temperature,   # top-1: the argmax
+                       top_k=1 if args.argmax else args.top_k, seed=args.seed)
     sys.stdout.write((args.prime or "") + data.decode(out, vocab) + "\n")
 
 
@@ -199,7 +198,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, TypeError, RuntimeError, OSError) as e:
+    except (ValueError, TypeError, RuntimeError, OSError, ArithmeticError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -10,8 +10,8 @@ CKPT_MAGIC, CKPT_VERSION = 20261102, 1
 
 
 def read_checkpoint(path):
-    """Returns a dict: config (cell, V, E, H, L), B, T, step, carry, adam_t, vocab, params (state dict),
-    m, v (flat), data_pos, h, c, rng. Raises ValueError naming what is wrong."""
+    """Returns a dict: config (cell, V, E, H, L), B, T, step, carry, adam_t, dropout, vocab, params (state
+    dict), m, v (flat), data_pos, h, c, rng. Raises ValueError naming what is wrong."""
     with open(path, "rb") as f:
         data = f.read()
     if len(data) < 256 + 256 + 4:
@@ -25,12 +25,16 @@ def read_checkpoint(path):
     if zlib.crc32(data[:-4]) != stored:
         raise ValueError(f"{path}: checksum mismatch (corrupted or truncated checkpoint)")
     cell, V, E, H, L, B, T, step, carry, adam_t = (int(x) for x in header[2:12])
-    if not 0 <= cell < 4 or min(V, E, H, L) <= 0 or V > 256 or min(B, T, step, adam_t) < 0:
+    dropout = float(str(header[12:13].view(np.float32)[0]))   # the shortest decimal: 0.2 reads back as 0.2
+    if not 0 <= cell < len(oracle.CELLS) or min(V, E, H, L) <= 0 or V > 256 or min(B, T, step, adam_t) < 0 \
+            or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{path}: bad header")
-    shapes = oracle.lm_param_shapes(oracle.CELLS[cell], V, E, H, L)
-    P = sum(int(np.prod(s)) for s in shapes.values())
+    cell = oracle.CELLS[cell]
+    lstm = cell == "lstm"
+    shapes = oracle.lm_param_shapes(cell, V, E, H, L)
+    P = oracle.num_params(shapes)
     lbh = L * B * H
-    n_states = 2 if cell == 2 else 1
+    n_states = 2 if lstm else 1
     expected = 256 + 256 + 3 * P * 4 + 8 + n_states * lbh * 4 + 8 + 4
     if len(data) != expected:
         raise ValueError(f"{path}: size {len(data)} does not match its header (expected {expected})")
@@ -43,17 +47,18 @@ def read_checkpoint(path):
     flat, m, v = take(P), take(P), take(P)
     data_pos = int(take(1, np.int64)[0])
     h = take(lbh).reshape(L, B, H)
-    c = take(lbh).reshape(L, B, H) if cell == 2 else None
+    c = take(lbh).reshape(L, B, H) if lstm else None
     rng = int(take(1, np.uint64)[0])
-    return dict(cell=oracle.CELLS[cell], vocab_size=V, embed_size=E, hidden_size=H, num_layers=L, B=B, T=T,
-                step=step, carry=carry, adam_t=adam_t, vocab=bytes(data[256:256 + V]),
+    return dict(cell=cell, vocab_size=V, embed_size=E, hidden_size=H, num_layers=L, B=B, T=T,
+                step=step, carry=carry, adam_t=adam_t, dropout=dropout, vocab=bytes(data[256:256 + V]),
                 params=oracle.unflatten(flat, shapes), m=m, v=v, data_pos=data_pos, h=h, c=c, rng=rng)
 
 
 def write_checkpoint(path, cell, params, vocab, m=None, v=None, step=0, adam_t=0, B=0, T=0, carry=1,
-                     data_pos=0, h=None, c=None, rng=1):
-    """Writes atomically (temp file, fsync, rename). params: LM state dict in torch order."""
-    cell_id = oracle.CELLS.index(cell)
+                     data_pos=0, h=None, c=None, rng=1, dropout=0.0):
+    """Writes atomically (temp file, fsync, rename). params: LM state dict in torch order. Word 12 of
+    the header holds the dropout rate as a float32 (0 in files that predate it)."""
+    cell_id = oracle.cell_id(cell)
     V, E = params["embedding.weight"].shape
     H = params["head.weight"].shape[1]
     L = sum(1 for k in params if k.startswith("rnn.weight_ih_l"))
@@ -61,6 +66,7 @@ def write_checkpoint(path, cell, params, vocab, m=None, v=None, step=0, adam_t=0
     zeros = np.zeros_like(flat)
     header = np.zeros(64, dtype=np.int32)
     header[:12] = [CKPT_MAGIC, CKPT_VERSION, cell_id, V, E, H, L, B, T, step, carry, adam_t]
+    header[12:13].view(np.float32)[0] = dropout
     vocab_block = bytearray(256)
     vocab_block[:len(vocab)] = vocab
     lbh = (L, B, H)
@@ -69,7 +75,7 @@ def write_checkpoint(path, cell, params, vocab, m=None, v=None, step=0, adam_t=0
              (zeros if v is None else np.asarray(v, np.float32)).tobytes(),
              np.int64(data_pos).tobytes(),
              (np.zeros(lbh, np.float32) if h is None else np.asarray(h, np.float32)).tobytes()]
-    if cell == "lstm":
+    if oracle._cell_name(cell) == "lstm":
         parts.append((np.zeros(lbh, np.float32) if c is None else np.asarray(c, np.float32)).tobytes())
     parts.append(np.uint64(rng).tobytes())
     body = b"".join(parts)

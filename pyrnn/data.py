@@ -20,13 +20,56 @@ def encode(text: bytes, vocab: bytes) -> np.ndarray:
     lut[np.frombuffer(vocab, dtype=np.uint8)] = np.arange(len(vocab))
     ids = lut[np.frombuffer(text, dtype=np.uint8)]
     if (ids < 0).any():
-        bad = text[int(np.argmax(ids < 0))]
+        bad = bytes([text[int(np.argmax(ids < 0))]])
         raise ValueError(f"byte {bad!r} is not in the vocabulary")
     return ids.astype(np.uint8)
 
 
 def decode(ids, vocab: bytes) -> str:
     return bytes(vocab[int(i)] for i in ids).decode("utf-8", errors="replace")
+
+
+class Vocab:
+    """Text <-> token ids at the byte level: token id i is the byte symbols[i]. The vocabulary of
+    token files and checkpoints (docs/formats.md), so a model trained on ids keeps its text.
+
+        vocab = pyrnn.Vocab.from_text(text)     # the sorted distinct bytes of text (str or bytes)
+        ids = vocab.encode("ROMEO:")            # int32 array; ValueError for bytes not in vocab
+        vocab.decode(ids) == "ROMEO:"
+    """
+
+    def __init__(self, symbols):
+        if isinstance(symbols, Vocab):
+            symbols = symbols.symbols
+        if isinstance(symbols, str):
+            raise TypeError("Vocab takes the symbols as bytes; for a text use Vocab.from_text(text)")
+        symbols = bytes(symbols)
+        if not 1 <= len(symbols) <= 256:
+            raise ValueError(f"a vocabulary holds 1..256 byte symbols, got {len(symbols)}")
+        if len(set(symbols)) != len(symbols):
+            dup = next(bytes([b]) for b in symbols if symbols.count(b) > 1)
+            raise ValueError(f"vocabulary symbols must be distinct, {dup!r} repeats")
+        self.symbols = symbols
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(build_vocab(text.encode("utf-8") if isinstance(text, str) else bytes(text)))
+
+    def encode(self, text) -> np.ndarray:
+        """Token ids (int32) of a str (as UTF-8) or bytes."""
+        return encode(text.encode("utf-8") if isinstance(text, str) else bytes(text), self.symbols).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        return decode(np.asarray(ids).ravel(), self.symbols)
+
+    def __len__(self):
+        return len(self.symbols)
+
+    def __eq__(self, other):
+        return isinstance(other, Vocab) and other.symbols == self.symbols
+
+    def __repr__(self):
+        return f"Vocab({self.symbols!r})"
 
 
 def write_tokens(path, ids: np.ndarray, vocab: bytes):

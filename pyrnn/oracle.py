@@ -1,9 +1,10 @@
 """NumPy oracle for pyrnn: the ground truth the C and CUDA trainers are tested against.
 
 Recurrent stacks with exactly PyTorch's nn.RNN / nn.LSTM / nn.GRU semantics (time-major,
-double bias, gate orders LSTM i,f,g,o and GRU r,z,n), a char LM around them
-(Embedding -> stack -> Linear -> mean cross-entropy), explicit per-timestep BPTT,
-torch-style global-norm clipping and torch.optim.AdamW.
+double bias, gate orders LSTM i,f,g,o and GRU r,z,n), bidirectional, with variable lengths as
+through pack_padded_sequence and dropout between layers; the cells (nn.RNNCell, ...); a char LM
+around a stack (Embedding -> stack -> Linear -> mean cross-entropy); torch-style global-norm
+clipping and torch.optim.AdamW; the dropout generator the C trainer uses (SplitMix64).
 
 Everything is computed in the dtype of the inputs (float64 for references and
 finite-difference tests, float32 to mimic the C code). No autograd anywhere: each
@@ -11,17 +12,32 @@ backward is written out by hand, min-char-rnn style.
 """
 import numpy as np
 
-CELLS = ('rnn', 'rnn_relu', 'lstm', 'gru')  # the cell id stored in files is the index here
+# The one list of cells: the id stored in files and passed to C is the index here.
+CELLS = ('rnn', 'rnn_relu', 'lstm', 'gru')
 _GATES = {'rnn': 1, 'rnn_relu': 1, 'lstm': 4, 'gru': 3}
 
 
 def _cell_name(cell):
     # accept a name or the integer id used in files
-    if isinstance(cell, (int, np.integer)):
+    if isinstance(cell, (int, np.integer)) and not isinstance(cell, bool):
+        if not 0 <= cell < len(CELLS):
+            raise ValueError(f'unknown cell id {cell}, expected 0..{len(CELLS) - 1}')
         return CELLS[int(cell)]
     if cell not in _GATES:
         raise ValueError(f'unknown cell {cell!r}, expected one of {CELLS}')
     return cell
+
+
+def cell_id(cell):
+    """The integer id of a cell (its index in CELLS), as files and the C core store it."""
+    return CELLS.index(_cell_name(cell))
+
+
+def rnn_cell(nonlinearity):
+    """The cell of a vanilla RNN with this nonlinearity: 'rnn' (tanh) or 'rnn_relu'."""
+    if nonlinearity not in ('tanh', 'relu'):
+        raise ValueError(f"unknown nonlinearity {nonlinearity!r}, expected 'tanh' or 'relu'")
+    return 'rnn' if nonlinearity == 'tanh' else 'rnn_relu'
 
 
 def gates(cell):
@@ -30,26 +46,53 @@ def gates(cell):
 
 
 # ----------------------------------------------------------------------------- parameters
+# One rule for every shape: layer_param_shapes. A cell is one layer without a suffix; a stack
+# is layers l = 0..L-1, each with one direction (suffix _l{l}) or two (then also _l{l}_reverse),
+# in torch's state_dict order.
 
-def stack_param_names(num_layers, bias=True):
-    names = []
-    for l in range(num_layers):
-        names += [f'weight_ih_l{l}', f'weight_hh_l{l}']
-        if bias:
-            names += [f'bias_ih_l{l}', f'bias_hh_l{l}']
-    return names
+def layer_param_shapes(cell, input_size, hidden_size, bias=True, suffix=''):
+    GH = gates(cell) * hidden_size
+    shapes = {f'weight_ih{suffix}': (GH, input_size), f'weight_hh{suffix}': (GH, hidden_size)}
+    if bias:
+        shapes[f'bias_ih{suffix}'] = (GH,)
+        shapes[f'bias_hh{suffix}'] = (GH,)
+    return shapes
 
 
-def stack_param_shapes(cell, input_size, hidden_size, num_layers, bias=True):
-    G, H = gates(cell), hidden_size
+def _suffix(l, d):
+    return f'_l{l}' + ('_reverse' if d else '')
+
+
+def _layer_input(l, input_size, hidden_size, directions):
+    return input_size if l == 0 else directions * hidden_size
+
+
+def stack_param_shapes(cell, input_size, hidden_size, num_layers, bias=True, bidirectional=False):
+    D = 2 if bidirectional else 1
     shapes = {}
     for l in range(num_layers):
-        shapes[f'weight_ih_l{l}'] = (G * H, input_size if l == 0 else H)
-        shapes[f'weight_hh_l{l}'] = (G * H, H)
-        if bias:
-            shapes[f'bias_ih_l{l}'] = (G * H,)
-            shapes[f'bias_hh_l{l}'] = (G * H,)
+        for d in range(D):
+            shapes.update(layer_param_shapes(cell, _layer_input(l, input_size, hidden_size, D),
+                                             hidden_size, bias, _suffix(l, d)))
     return shapes
+
+
+def stack_param_names(num_layers, bias=True, bidirectional=False):
+    return list(stack_param_shapes('rnn', 1, 1, num_layers, bias, bidirectional))
+
+
+def num_params(shapes):
+    """Number of floats in a dict of shapes."""
+    return sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
+
+
+def stack_num_params(cell, input_size, hidden_size, num_layers, bias=True, bidirectional=False):
+    """num_params(stack_param_shapes(...)) without building the dict: layers above 0 are alike,
+    so a huge num_layers costs nothing to check."""
+    D = 2 if bidirectional else 1
+    first = num_params(layer_param_shapes(cell, input_size, hidden_size, bias))
+    rest = num_params(layer_param_shapes(cell, D * hidden_size, hidden_size, bias))
+    return D * (first + (num_layers - 1) * rest)
 
 
 def lm_param_shapes(cell, V, E, H, L):
@@ -62,14 +105,22 @@ def lm_param_shapes(cell, V, E, H, L):
     return shapes
 
 
-def init_stack_params(cell, input_size, hidden_size, num_layers, bias=True, rng=None,
-                      dtype=np.float32):
-    # torch's default: every tensor of the stack ~ U(-1/sqrt(H), 1/sqrt(H))
+def lm_num_params(cell, V, E, H, L):
+    return V * E + stack_num_params(cell, E, H, L) + V * H + V
+
+
+def init_uniform(shapes, hidden_size, rng=None, dtype=np.float32):
+    """torch's default for recurrent layers and cells: every tensor ~ U(-1/sqrt(H), 1/sqrt(H)),
+    drawn in the order of shapes."""
     rng = np.random.default_rng() if rng is None else rng
     k = 1.0 / np.sqrt(hidden_size)
-    return {name: rng.uniform(-k, k, size=shape).astype(dtype)
-            for name, shape in stack_param_shapes(cell, input_size, hidden_size,
-                                                  num_layers, bias).items()}
+    return {name: rng.uniform(-k, k, size=shape).astype(dtype) for name, shape in shapes.items()}
+
+
+def init_stack_params(cell, input_size, hidden_size, num_layers, bias=True, rng=None,
+                      dtype=np.float32, bidirectional=False):
+    return init_uniform(stack_param_shapes(cell, input_size, hidden_size, num_layers, bias,
+                                           bidirectional), hidden_size, rng, dtype)
 
 
 def init_lm_params(cell, V, E, H, L, seed=0, dtype=np.float32):
@@ -99,7 +150,65 @@ def unflatten(vec, shapes):
     return out
 
 
-# ----------------------------------------------------------------------------- cells
+# ----------------------------------------------------------------------------- dropout
+# The C trainer's masks, draw for draw. Its generator is SplitMix64, whose state is a counter that
+# each draw advances by GAMMA. A training pass takes one draw, its key; every element of a mask is
+# then a pure function of (key, site, t, stream, j): site l in 1..L-1 is the output of layer l-1
+# (the input of layer l), site L the top layer's output before a head; row (t, b) of a site hashes
+# to a SplitMix64 sequence whose draw j decides column j. Dropped when its 24-bit uniform u < p.
+
+_GAMMA, _MASK64 = 0x9E3779B97F4A7C15, (1 << 64) - 1
+_DROPOUT_SEED_XOR = 0x5DEECE66D   # C's model_init: the generator's state is seed ^ this
+
+
+def dropout_state(seed):
+    """The dropout generator's state for a model made with this seed (as C's model_init)."""
+    return (int(seed) ^ _DROPOUT_SEED_XOR) & _MASK64
+
+
+def dropout_skip(state, n):
+    """The generator's state after n draws."""
+    return (int(state) + n * _GAMMA) & _MASK64
+
+
+def _mix(z):
+    # SplitMix64's output function, on uint64 arrays (products wrap mod 2^64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _next(states):
+    """C's rng_next on each state (uint64 array): the draw; the states advance by GAMMA."""
+    return _mix(states + np.uint64(_GAMMA))
+
+
+def dropout_mask(key, site, T, B, width, p, first_stream=0):
+    """Keep-mask (T, B, width) of 0/1 float32 of one site for a pass's key; batch row b is global
+    stream first_stream + b (data-parallel ranks draw what one process would)."""
+    site_key = _next(np.array([(int(key) + site) & _MASK64], np.uint64))
+    t, b = np.meshgrid(np.arange(T, dtype=np.uint64), np.arange(B, dtype=np.uint64) + np.uint64(first_stream),
+                       indexing='ij')
+    row = site_key ^ ((t << np.uint64(32)) | (b & np.uint64(0xFFFFFFFF)))
+    draws = _next(row)                                  # (T, B): each row's own sequence
+    steps = np.arange(1, width + 1, dtype=np.uint64) * np.uint64(_GAMMA)
+    u = (_mix(draws[..., None] + steps) >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
+    return (u >= np.float32(p)).astype(np.float32)
+
+
+def dropout_masks(state, sites, T, B, width, p, first_stream=0):
+    """One pass's keep-masks, one (T, B, width) array per site, and the generator's state after it."""
+    key = int(_next(np.array([state], np.uint64))[0])
+    return [dropout_mask(key, s, T, B, width, p, first_stream) for s in sites], dropout_skip(state, 1)
+
+
+def dropout_scale(p, dtype):
+    """1 / (1 - p), computed in dtype as the C code does in float."""
+    one = np.dtype(dtype).type(1)
+    return one / (one - np.dtype(dtype).type(p))
+
+
+# ----------------------------------------------------------------------------- cell steps
 # Every cell computes gi = x W_ih^T + b_ih and gh = h W_hh^T + b_hh first (exactly what
 # cuDNN and torch do), then a cell-specific elementwise part. The step backward returns
 # d(gi), d(gh) and the gradient flowing straight into h_prev / c_prev through the
@@ -163,34 +272,53 @@ def _step_backward(cell, sc, dh, dc):
     raise ValueError(cell)
 
 
-def _layer_forward(cell, W_ih, W_hh, b_ih, b_hh, x, h, c):
+def _layer_forward(cell, W_ih, W_hh, b_ih, b_hh, x, h, c, reverse=False, active=None):
+    """One direction of one layer. reverse runs t = T-1 .. 0. active (T, B) bool or None: where
+    False a sequence has ended, so its state holds and its output is 0 (packed-sequence rules;
+    the reverse direction then starts at each sequence's own last step)."""
     T = x.shape[0]
-    outs, steps = [], []
-    for t in range(T):
+    outs, steps = [None] * T, [None] * T
+    for t in (reversed(range(T)) if reverse else range(T)):
         gi = x[t] @ W_ih.T
         gh = h @ W_hh.T
         if b_ih is not None:
             gi = gi + b_ih
             gh = gh + b_hh
-        h_prev = h
+        h_prev, c_prev = h, c
         h, c, sc = _step_forward(cell, gi, gh, h, c)
-        outs.append(h)
-        steps.append((h_prev, sc))
+        out = h
+        if active is not None:
+            a = active[t][:, None]
+            h = np.where(a, h, h_prev)
+            c = None if c is None else np.where(a, c, c_prev)
+            out = np.where(a, h, 0)
+        outs[t] = out
+        steps[t] = (h_prev, sc)
     return np.stack(outs), h, c, steps
 
 
-def _layer_backward(cell, W_ih, W_hh, has_bias, x, steps, dout, dh, dc):
-    """BPTT through one layer. dout: (T,B,H) grads on the outputs; dh, dc: grads on the
-    final states. Returns dx, dh0, dc0, and the four parameter grads."""
+def _layer_backward(cell, W_ih, W_hh, has_bias, x, steps, dout, dh, dc, reverse=False, active=None):
+    """BPTT through one direction of one layer (see _layer_forward). dout: (T,B,H) grads on the
+    outputs; dh, dc: grads on the final states. Returns dx, dh0, dc0, and the four parameter grads."""
     T = x.shape[0]
     dW_ih, dW_hh = np.zeros_like(W_ih), np.zeros_like(W_hh)
     db_ih = np.zeros(W_ih.shape[0], dtype=W_ih.dtype) if has_bias else None
     db_hh = np.zeros(W_hh.shape[0], dtype=W_hh.dtype) if has_bias else None
     dx = np.zeros_like(x)
-    for t in reversed(range(T)):
+    for t in (range(T) if reverse else reversed(range(T))):
         h_prev, sc = steps[t]
-        dh_t = dout[t] + dh  # output grad plus what flowed back from step t+1
-        dgi, dgh, dh_direct, dc = _step_backward(cell, sc, dh_t, dc)
+        dh_t = dout[t] + dh  # output grad plus what flowed back from the next step
+        if active is None:
+            dgi, dgh, dh_direct, dc = _step_backward(cell, sc, dh_t, dc)
+        else:
+            # an ended sequence's step is the identity on (h, c): its gradient passes straight through
+            a = active[t][:, None]
+            dgi, dgh, dh_direct, dc_prev = _step_backward(cell, sc, np.where(a, dh_t, 0),
+                                                          None if dc is None else np.where(a, dc, 0))
+            dgi, dgh = np.where(a, dgi, 0), np.where(a, dgh, 0)
+            skip = np.where(a, 0, dh)
+            dh_direct = skip if dh_direct is None else np.where(a, dh_direct, 0) + skip
+            dc = None if dc is None else np.where(a, dc_prev, 0) + np.where(a, 0, dc)
         dW_ih += dgi.T @ x[t]
         dW_hh += dgh.T @ h_prev
         if has_bias:
@@ -205,88 +333,136 @@ def _layer_backward(cell, W_ih, W_hh, has_bias, x, steps, dout, dh, dc):
 
 # ----------------------------------------------------------------------------- stack
 
-def _num_layers(params):
-    return sum(1 for k in params if k.startswith('weight_ih_l'))
+def stack_shape(params):
+    """(num_layers, directions, hidden_size) of a stack's parameter dict."""
+    L = sum(1 for k in params if k.startswith('weight_ih_l') and not k.endswith('_reverse'))
+    D = 2 if 'weight_ih_l0_reverse' in params else 1
+    return L, D, params['weight_hh_l0'].shape[1]
 
 
-def stack_forward(params, cell, x, h0=None, c0=None, dropout=0.0, masks=None):
-    """x: (T, B, In) time-major. h0/c0: (L, B, H) or None (zeros).
-    Dropout like torch: on the output of every layer except the last, as x * mask / (1-p).
-    masks: L-1 arrays (T,B,H) of 0/1; if None and dropout > 0 they are drawn at random
-    (unseeded) and kept in the cache. Returns out (T,B,H), h_n, c_n (None unless lstm), cache."""
+def active_steps(lengths, T):
+    """(T, B) bool: step t of sequence b is valid, t < lengths[b]."""
+    return np.arange(T)[:, None] < np.asarray(lengths)[None, :]
+
+
+def stack_forward(params, cell, x, h0=None, c0=None, dropout=0.0, masks=None, lengths=None):
+    """x: (T, B, In) time-major. h0/c0: (L*D, B, H) or None (zeros), index l*D + d as torch.
+    Dropout like torch: on the output of every layer except the last, as out * mask / (1-p);
+    masks: L-1 keep-masks (T, B, D*H) of 0/1 (dropout_masks, sites 1..L-1), required when dropout > 0.
+    lengths: B ints in [1, T] or None (all T), with pack_padded_sequence's semantics.
+    Returns out (T, B, D*H), h_n (L*D, B, H), c_n (None unless lstm), cache."""
     cell = _cell_name(cell)
     dt = x.dtype
-    L = _num_layers(params)
-    H = params['weight_hh_l0'].shape[1]
-    B = x.shape[1]
+    L, D, H = stack_shape(params)
+    T, B = x.shape[:2]
+    active = None
+    if lengths is not None:
+        active = active_steps(lengths, T)
+        x = np.where(active[..., None], x, 0).astype(dt)   # padding is never read
     if h0 is None:
-        h0 = np.zeros((L, B, H), dtype=dt)
+        h0 = np.zeros((L * D, B, H), dtype=dt)
     if cell == 'lstm' and c0 is None:
-        c0 = np.zeros((L, B, H), dtype=dt)
-    if masks is None and dropout > 0 and L > 1:
-        rng = np.random.default_rng()
-        masks = [(rng.random((x.shape[0], B, H)) >= dropout).astype(dt) for _ in range(L - 1)]
-    scale = 1.0 / (1.0 - dropout)
+        c0 = np.zeros((L * D, B, H), dtype=dt)
+    if dropout > 0 and L > 1 and masks is None:
+        raise ValueError('dropout needs its masks: draw them with oracle.dropout_masks')
+    scale = dropout_scale(dropout, dt)
     inp, layers, h_n, c_n = x, [], [], []
     for l in range(L):
-        W_ih, W_hh = params[f'weight_ih_l{l}'], params[f'weight_hh_l{l}']
-        b_ih, b_hh = params.get(f'bias_ih_l{l}'), params.get(f'bias_hh_l{l}')
-        out, h, c, steps = _layer_forward(cell, W_ih, W_hh, b_ih, b_hh, inp,
-                                          h0[l], None if c0 is None else c0[l])
-        layers.append((inp, steps))
-        h_n.append(h)
-        c_n.append(c)
+        outs = []
+        for d in range(D):
+            s, k = _suffix(l, d), l * D + d
+            out, h, c, steps = _layer_forward(
+                cell, params['weight_ih' + s], params['weight_hh' + s], params.get('bias_ih' + s),
+                params.get('bias_hh' + s), inp, h0[k], None if c0 is None else c0[k], d == 1, active)
+            layers.append((inp, steps))
+            h_n.append(h)
+            c_n.append(c)
+            outs.append(out)
+        out = np.concatenate(outs, axis=-1) if D == 2 else outs[0]
         if masks is not None and l < L - 1:
             out = out * (masks[l] * scale).astype(dt)
         inp = out
-    cache = dict(params=params, cell=cell, layers=layers, masks=masks, scale=scale)
+    cache = dict(params=params, cell=cell, layers=layers, masks=masks, scale=scale, active=active,
+                 shape=(L, D, H))
     c_n = np.stack(c_n) if cell == 'lstm' else None
     return inp, np.stack(h_n), c_n, cache
 
 
 def stack_backward(cache, dout, dh_n=None, dc_n=None):
-    """Returns dx (T,B,In), dh0 (L,B,H), dc0 (L,B,H) or None, grads (same names as params)."""
-    params, cell, masks = cache['params'], cache['cell'], cache['masks']
-    L = len(cache['layers'])
-    grads, dh0, dc0 = {}, [None] * L, [None] * L
+    """Returns dx (T,B,In), dh0 (L*D,B,H), dc0 (L*D,B,H) or None, grads (same names as params).
+    dout at the padding of a shorter sequence is ignored (no output there)."""
+    params, cell, masks, active = cache['params'], cache['cell'], cache['masks'], cache['active']
+    L, D, H = cache['shape']
+    grads, dh0, dc0 = {}, [None] * (L * D), [None] * (L * D)
     for l in reversed(range(L)):
-        inp, steps = cache['layers'][l]
         if masks is not None and l < L - 1:
             dout = dout * (masks[l] * cache['scale']).astype(dout.dtype)
-        dh = np.zeros_like(dout[0]) if dh_n is None else dh_n[l]
-        dc = None
-        if cell == 'lstm':
-            dc = np.zeros_like(dout[0]) if dc_n is None else dc_n[l]
-        has_bias = f'bias_ih_l{l}' in params
-        dout, dh0[l], dc0[l], g = _layer_backward(
-            cell, params[f'weight_ih_l{l}'], params[f'weight_hh_l{l}'], has_bias,
-            inp, steps, dout, dh, dc)  # dout becomes d(input of layer l)
-        for name, d in zip(('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh'), g):
-            if d is not None:
-                grads[f'{name}_l{l}'] = d
+        dinp = None
+        for d in range(D):
+            s, k = _suffix(l, d), l * D + d
+            inp, steps = cache['layers'][k]
+            dout_d = dout[..., d * H:(d + 1) * H]
+            dh = np.zeros_like(dout_d[0]) if dh_n is None else dh_n[k]
+            dc = None
+            if cell == 'lstm':
+                dc = np.zeros_like(dout_d[0]) if dc_n is None else dc_n[k]
+            dx, dh0[k], dc0[k], g = _layer_backward(
+                cell, params['weight_ih' + s], params['weight_hh' + s], 'bias_ih' + s in params,
+                inp, steps, dout_d, dh, dc, d == 1, active)
+            dinp = dx if dinp is None else dinp + dx
+            for name, gr in zip(('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh'), g):
+                if gr is not None:
+                    grads[name + s] = gr
+        dout = dinp  # d(input of layer l)
     grads = {k: grads[k] for k in params}  # same order as params
     return dout, np.stack(dh0), (np.stack(dc0) if cell == 'lstm' else None), grads
+
+
+# ----------------------------------------------------------------------------- cells
+
+def cell_forward(params, cell, x, h=None, c=None):
+    """One step of nn.RNNCell / LSTMCell / GRUCell. params: weight_ih, weight_hh[, bias_ih,
+    bias_hh]; x (B, In); h, c (B, H) or None (zeros). Returns h', c' (None unless lstm), cache."""
+    cell = _cell_name(cell)
+    H = params['weight_hh'].shape[1]
+    h = np.zeros((x.shape[0], H), x.dtype) if h is None else h
+    if cell == 'lstm' and c is None:
+        c = np.zeros_like(h)
+    out, h, c, steps = _layer_forward(cell, params['weight_ih'], params['weight_hh'],
+                                      params.get('bias_ih'), params.get('bias_hh'), x[None], h, c)
+    return h, c, dict(params=params, cell=cell, x=x[None], steps=steps)
+
+
+def cell_backward(cache, dh, dc=None):
+    """Backward of cell_forward given dh (and dc for lstm; None = zeros) on its outputs.
+    Returns dx, dh_prev, dc_prev (None unless lstm), grads (same names as params)."""
+    params, cell = cache['params'], cache['cell']
+    if cell == 'lstm' and dc is None:
+        dc = np.zeros_like(dh)
+    dx, dh_prev, dc_prev, g = _layer_backward(cell, params['weight_ih'], params['weight_hh'],
+                                              'bias_ih' in params, cache['x'], cache['steps'],
+                                              dh[None], np.zeros_like(dh), dc)
+    grads = dict(zip(('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh'), g))
+    return dx[0], dh_prev, dc_prev, {k: grads[k] for k in params}
 
 
 # ----------------------------------------------------------------------------- char LM
 
 def lm_forward(params, cell, inputs, targets, h0=None, c0=None, dropout=0.0, masks=None):
-    """inputs/targets: int (B, T). masks: L arrays (T,B,H), the first L-1 between layers,
-    the last on the top layer's output before the head.
+    """inputs/targets: int (B, T). masks: L keep-masks (T,B,H), the first L-1 between layers,
+    the last on the top layer's output before the head (dropout_masks, sites 1..L); required
+    when dropout > 0.
     Returns loss (mean CE over B*T), logits (T,B,V), h_n, c_n, cache."""
     cell = _cell_name(cell)
     emb = params['embedding.weight']
     stack = {k[4:]: v for k, v in params.items() if k.startswith('rnn.')}
-    L = _num_layers(stack)
-    B, T = inputs.shape
-    H = stack['weight_hh_l0'].shape[1]
-    if masks is None and dropout > 0:
-        rng = np.random.default_rng()
-        masks = [(rng.random((T, B, H)) >= dropout).astype(emb.dtype) for _ in range(L)]
+    L = stack_shape(stack)[0]
+    if dropout > 0 and masks is None:
+        raise ValueError('dropout needs its masks: draw them with oracle.dropout_masks')
     x = emb[inputs.T]  # (T, B, E): the stack runs time-major
     y, h_n, c_n, scache = stack_forward(stack, cell, x, h0, c0, dropout,
                                         None if masks is None else masks[:L - 1])
-    scale = 1.0 / (1.0 - dropout)
+    scale = dropout_scale(dropout, y.dtype)
     if masks is not None:
         y = y * (masks[L - 1] * scale).astype(y.dtype)
     logits = y @ params['head.weight'].T + params['head.bias']  # (T, B, V)
@@ -345,19 +521,19 @@ def clip_grad_norm(grads, max_norm):
 
 
 def adamw_step(params, grads, m, v, t, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-    """One torch.optim.AdamW step, in place on params, m, v. t starts at 1.
-    Decoupled weight decay applies to every parameter, biases and embedding included
-    (a documented choice: simpler, and what torch does with a single param group)."""
+    """One torch.optim.AdamW step, in place on params, m, v, in torch's order of operations (so
+    float32 rounds as torch does). t starts at 1. Decoupled weight decay applies to every
+    parameter, biases and embedding included (torch with a single param group)."""
     b1, b2 = betas
     bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+    step_size, bc2_sqrt = lr / bc1, bc2 ** 0.5
     for k in params:
         p, g = params[k], grads[k]
         p *= p.dtype.type(1 - lr * weight_decay)  # decay uses the pre-update p
-        m[k] *= b1
-        m[k] += (1 - b1) * g
-        v[k] *= b2
-        v[k] += (1 - b2) * g * g
-        p -= lr * (m[k] / bc1) / (np.sqrt(v[k] / bc2) + eps)
+        m[k] += (g - m[k]) * p.dtype.type(1 - b1)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+        v[k] *= p.dtype.type(b2)
+        v[k] += p.dtype.type(1 - b2) * g * g
+        p += p.dtype.type(-step_size) * (m[k] / (np.sqrt(v[k]) / p.dtype.type(bc2_sqrt) + p.dtype.type(eps)))
 
 
 def train_steps(params, cell, inputs, targets, h0, c0, n_steps, lr, betas, eps,

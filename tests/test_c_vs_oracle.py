@@ -92,7 +92,7 @@ def test_lm_forward_backward(cell, B, T, E, H, V, L, with_hx):
     grads, dh0, dc0 = oracle.lm_backward(cache)
 
     close(cell, 'loss', loss, ref_loss)
-    close(cell, 'logits', lm.logits, logits)
+    close(cell, 'logits', lm.logits, logits.transpose(1, 0, 2))
     close(cell, 'h_n', lm.h_n, h_n)
     if cell == 'lstm':
         close(cell, 'c_n', lm.c_n, c_n)
@@ -149,7 +149,7 @@ def test_lm_gradients_accumulate_until_zero_grad(backend):
         lm.zero_grad()
         lm.forward(inp, tgt)
         lm.backward()
-        single.append(lm.grad)
+        single.append({k: g.copy() for k, g in lm.grad.items()})   # .grad holds views
     lm.zero_grad()
     assert all(not g.any() for g in lm.grad.values())
     for inp, tgt in batches:
@@ -172,7 +172,7 @@ def test_lm_carried_state_equals_one_long_sequence():
     first = lm.logits.copy()
     assert lm.state[0] is lm.h_n and lm.state[1] is lm.c_n
     lm.forward(inp[:, 4:], tgt[:, 4:], hx=lm.state)
-    np.testing.assert_allclose(np.concatenate([first, lm.logits]), whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([first, lm.logits], axis=1), whole, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- layer API
@@ -245,7 +245,7 @@ def test_layer_unbatched_and_numpy_backend(cell):
         assert out.shape == (4, 5)
         dx, dh0 = m.backward(np.ones((4, 5), np.float32))
         assert dx.shape == x.shape
-        outs.append((out, hn, dx, dh0, m.grad))
+        outs.append((out, hn, dx, dh0, {k: g.copy() for k, g in m.grad.items()}))
         batched = make_layer(cell, 3, 5, 2, seed=4, backend=backend)
         hx1 = tuple(s[:, None] for s in hx) if cell == 'lstm' else hx[:, None]
         out1, _ = batched(x[:, None], hx1)
@@ -263,7 +263,7 @@ def test_layer_gradients_accumulate():
     dout = np.ones((5, 2, 4), np.float32)
     m(x)
     m.backward(dout)
-    g1 = m.grad
+    g1 = {k: g.copy() for k, g in m.grad.items()}   # .grad holds views
     m(x)
     m.backward(dout)
     for k, g in m.grad.items():
@@ -352,7 +352,7 @@ def test_dropout_masks_from_c(cell):
         masks=[mk.astype(np.float64) for mk in masks])
     grads, dh0, _ = oracle.lm_backward(cache)
     close(cell, 'dropout loss', loss, r_loss)
-    close(cell, 'dropout logits', lm.logits, r_logits)
+    close(cell, 'dropout logits', lm.logits, r_logits.transpose(1, 0, 2))
     close(cell, 'dropout h_n', lm.h_n, r_hn)
     close(cell, 'dropout dh0', lm.dh0, dh0)
     g = lm.grad

@@ -75,7 +75,7 @@ def test_backward_without_forward(lm):
     with pytest.raises(RuntimeError, match='backward needs a forward with targets'):
         lm.backward()
     lm.forward(tokens())  # no targets: logits only
-    assert lm.logits.shape == (T, B, V)
+    assert lm.logits.shape == (B, T, V)
     with pytest.raises(RuntimeError, match='backward needs a forward with targets'):
         lm.backward()
 
@@ -176,15 +176,20 @@ def test_state_dict_wrong_dtype_and_type(lm):
         lm.load_state_dict([1, 2])
 
 
-def test_state_dict_returns_copies(lm, gru):
+def test_state_dict_returns_copies_parameters_and_grad_views(lm, gru):
     for m in (lm, gru):
         sd = m.state_dict()
         name = next(iter(sd))
         sd[name][...] = 42
         assert not np.any(m.state_dict()[name] == 42)
+        # parameters() and .grad are views of the module's own buffers: writes go through
+        m.parameters()[name][...] = 42
+        assert np.all(m.state_dict()[name] == 42)
         g = m.grad
-        g[name][...] = 42
-        assert not np.any(m.grad[name] == 42)
+        g[name][...] = 7
+        assert np.all(m.grad[name] == 7)
+        m.zero_grad()
+        assert not np.any(g[name])
 
 
 def test_layer_state_dict_keys(gru):
@@ -215,7 +220,7 @@ def test_layer_hx_and_backward_shapes(gru):
     x = np.zeros((T, B, 3), np.float32)
     with pytest.raises(ValueError, match=r'hx has shape \(2, 5\), expected \(2, 3, 5\)'):
         gru(x, np.zeros((L, H), np.float32))
-    with pytest.raises(RuntimeError, match='backward called before forward'):
+    with pytest.raises(RuntimeError, match='backward needs a forward first'):
         gru.backward(np.zeros((T, B, H), np.float32))
     gru(x)
     with pytest.raises(ValueError, match=r'doutput has shape \(3, 4, 5\), expected \(4, 3, 5\)'):
@@ -224,6 +229,8 @@ def test_layer_hx_and_backward_shapes(gru):
         gru.backward(np.zeros((T, B, H), np.float32), dh_n=np.zeros((1, B, H), np.float32))
     dx, dh0 = gru.backward(np.ones((T, B, H), np.float32))  # still usable
     assert dx.shape == (T, B, 3) and dh0.shape == (L, B, H)
+    with pytest.raises(RuntimeError, match=r'one backward per forward'):
+        gru.backward(np.ones((T, B, H), np.float32))   # would double the gradients
 
 
 def test_layer_batch_first_shapes():
@@ -232,8 +239,8 @@ def test_layer_batch_first_shapes():
     assert out.shape == (B, T, H) and h_n.shape == c_n.shape == (L, B, H)
     with pytest.raises(ValueError, match=r'doutput has shape \(4, 3, 5\), expected \(3, 4, 5\)'):
         m.backward(np.zeros((T, B, H), np.float32))
-    with pytest.raises(TypeError, match=r'dhx must be a pair \(dh_n, dc_n\) for an LSTM'):
-        m.backward(np.zeros((B, T, H), np.float32), dhx=np.zeros((L, B, H), np.float32))
+    with pytest.raises(TypeError, match=r'dh_n must be a pair \(dh_n, dc_n\) for an LSTM'):
+        m.backward(np.zeros((B, T, H), np.float32), dh_n=np.zeros((L, B, H), np.float32))
 
 
 def test_c_errors_become_runtime_errors(monkeypatch):
