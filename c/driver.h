@@ -452,7 +452,7 @@ static int train_run(int argc, char** argv, const Backend* be) {
                               "stopping without saving (the last checkpoint in %s is intact)", step + 1, a.out_dir));
                 dist_gather_streams(h_all, h, cfg.n_layers, local_B, cfg.hidden_size);
                 dist_gather_streams(c_all, c, cfg.n_layers, local_B, cfg.hidden_size);
-                k.config = cfg; k.B = a.B; k.T = a.T; k.step = step + 1; k.carry = a.carry;
+                k.config = cfg; k.B = a.B; k.T = a.T; k.step = step + 1; k.carry = a.carry; k.dropout = a.dropout;
                 memcpy(k.vocab, train.vocab, 256);
                 k.params = params; k.m = m; k.v = v; k.h = h_all; k.c = c_all;
                 k.data_pos = loader.pos;

@@ -182,6 +182,7 @@ static uint32_t crc32_update(uint32_t crc, const unsigned char* p, size_t n) {
 typedef struct {
     Config config;
     int B, T, step, carry, adam_t;
+    float dropout;           // the rate trained with (0 in files that predate it), so a loaded model knows it
     unsigned char vocab[256];
     float *params, *m, *v;   // model_num_params(config) each
     int64_t data_pos;
@@ -232,6 +233,7 @@ static void checkpoint_write_fn(Writer* w, const void* arg) {
     header[2] = k->config.cell; header[3] = k->config.vocab_size; header[4] = k->config.embed_size;
     header[5] = k->config.hidden_size; header[6] = k->config.n_layers;
     header[7] = k->B; header[8] = k->T; header[9] = k->step; header[10] = k->carry; header[11] = k->adam_t;
+    memcpy(&header[12], &k->dropout, 4);
     size_t P = model_num_params(k->config), lbh = (size_t)k->config.n_layers * k->B * k->config.hidden_size;
     writer_put(w, header, sizeof(header));
     writer_put(w, k->vocab, 256);
@@ -260,6 +262,8 @@ static int checkpoint_parse(Checkpoint* k, const char* path) {
     if (crc32_update(0, b->data, b->size - 4) != stored) return fail("%s: checksum mismatch (corrupted or truncated checkpoint)", path);
     if (config_from_header(&k->config, h + 2, path)) return -1;
     k->B = h[7]; k->T = h[8]; k->step = h[9]; k->carry = h[10]; k->adam_t = h[11];
+    memcpy(&k->dropout, &h[12], 4);
+    if (!(k->dropout >= 0.0f && k->dropout < 1.0f)) return fail("%s: bad dropout rate in header", path);
     if (k->B < 0 || k->T < 0 || k->step < 0 || k->adam_t < 0) return fail("%s: bad B, T or step in header", path);
     size_t P = model_num_params(k->config), lbh = 0;
     int dims[] = { k->config.n_layers, k->B, k->config.hidden_size };

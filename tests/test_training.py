@@ -264,3 +264,12 @@ def test_sampling_a_vocabulary_larger_than_bytes():
     m = pyrnn.CharLM("rnn", 300, 4, 8, seed=0)
     out = m.sample([299], 50, temperature=1.0, top_k=280, seed=1)
     assert out.shape == (50,) and out.min() >= 0 and out.max() < 300
+
+
+def test_train_cpu_checkpoint_carries_dropout(train_cpu, corpus, tmp_path):
+    # header word 12: a model loaded from train_cpu's checkpoint trains with the rate it was trained with
+    out = tmp_path / "run"
+    assert run([train_cpu, *small_flags(corpus, out, "-n", "2", "-p", "0.25")]).returncode == 0
+    ck = checkpoint.read_checkpoint(str(out / "ckpt_00000002.bin"))
+    assert ck["dropout"] == 0.25
+    assert pyrnn.CharLM.load(str(out / "ckpt_00000002.bin")).dropout == 0.25
