@@ -1,15 +1,28 @@
 # pyrnn: `make train` runs the main job, `make test` installs what the tests need and runs them.
 PYTHON ?= python3
 CC ?= cc
-# -O3 -march=native and OpenMP when the compiler takes them, plain -O2 otherwise; we never read errno,
-# and without -fno-math-errno a sqrtf call keeps the AdamW loop scalar
+# -O3 and OpenMP when the compiler takes them, plain -O2 otherwise; we never read errno, and without
+# -fno-math-errno a sqrtf call keeps the AdamW loop scalar
 try_flag = $(shell echo 'int main(void){return 0;}' | $(CC) $(1) -x c - -o /dev/null 2>/dev/null && echo $(1))
-OPT := $(or $(call try_flag,-O3 -march=native),$(call try_flag,-O3),-O2) $(call try_flag,-fno-math-errno)
+# the CPU to build for: -march=$(ARCH). native (this machine) by default; x86-64-v2 (SSE4.2),
+# x86-64-v3 (AVX2 + FMA), x86-64-v4 (AVX-512) or any other -march value builds for another one:
+# `make train_cpu ARCH=x86-64-v3`. PYRNN_ARCH in the environment sets both this default and the cffi
+# extension's (pyrnn/_build.py); an ARCH variable in the environment is ignored (it often means
+# something else). An ARCH the compiler rejects is an error; native falls back to no -march.
+ifneq ($(origin ARCH),command line)
+ARCH := $(or $(PYRNN_ARCH),native)
+endif
+export PYRNN_ARCH := $(ARCH)
+MARCH := $(if $(filter native,$(ARCH)),$(call try_flag,-march=native),-march=$(ARCH))
+OPT := $(or $(call try_flag,-O3),-O2) $(call try_flag,-fno-math-errno)
 OMP := $(call try_flag,-fopenmp)
-CFLAGS ?= $(OPT) $(OMP) -Wall -Wextra -Wno-unused-function
+WARN = -Wall -Wextra -Wno-unused-function
+CFLAGS ?= $(OPT) $(MARCH) $(OMP) $(WARN)
 LDLIBS = -lm
 
 C_SRC = c/train_rnn.c
+# the headers train_rnn.c includes: every C build depends on them too
+C_DEPS = $(wildcard c/*.h)
 DATA_DIR ?= data/tinyshakespeare
 OUT_DIR ?= out/train
 
@@ -17,28 +30,31 @@ OUT_DIR ?= out/train
 
 all: train_cpu test_cpu lib
 
-train_cpu: $(C_SRC)
+train_cpu: $(C_SRC) $(C_DEPS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-test_cpu: c/test_rnn.c c/reference.h $(C_SRC)
+test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # the shared library behind the bindings (pip builds the same file into pyrnn/_crnn*.so)
 lib: lib/libpyrnn.so
-lib/libpyrnn.so: $(C_SRC)
+lib/libpyrnn.so: $(C_SRC) $(C_DEPS)
 	@mkdir -p lib
 	$(CC) $(CFLAGS) -DPYRNN_NO_MAIN -shared -fPIC $< -o $@ $(LDLIBS)
 
-# everything the package and its tests need, then the package itself (builds the cffi extension)
+# everything the package and its tests need, then the package itself (builds the cffi extension for
+# ARCH). A fresh venv's setuptools (65.5 in Python 3.11's) has no bdist_wheel of its own (it came in
+# 70.1), and pip's editable install needs it: wheel provides it
 deps:
-	$(PYTHON) -m pip install -q --disable-pip-version-check numpy cffi pytest setuptools
+	$(PYTHON) -m pip install -q --disable-pip-version-check numpy cffi pytest "setuptools>=64" wheel
 install: deps
 	$(PYTHON) -m pip install -q --disable-pip-version-check --no-build-isolation -e .
 
 # the main job: tiny-shakespeare (downloaded and hash-checked, or TINYSHAKESPEARE=/path/to/input.txt),
 # a 2-layer LSTM for about 3 minutes on 2 cores, then the val loss and a sample
 TINYSHAKESPEARE ?= $(PYRNN_TINYSHAKESPEARE)
-TRAIN_FLAGS ?= -c lstm -L 2 -E 128 -H 256 -b 32 -t 64 -l 2e-3 -n 2500 -v 500 -s 0 -m 500 -e 0.8
+TRAIN_STEPS ?= 2500
+TRAIN_FLAGS ?= -c lstm -L 2 -E 128 -H 256 -b 32 -t 64 -l 2e-3 -n $(TRAIN_STEPS) -v 500 -s 0 -m 500 -e 0.8
 $(DATA_DIR)/train.bin:
 	$(PYTHON) -m pip install -q --disable-pip-version-check numpy
 	$(PYTHON) -m pyrnn prepare --dataset tinyshakespeare $(if $(TINYSHAKESPEARE),--input $(TINYSHAKESPEARE)) --out-dir $(DATA_DIR)
@@ -60,6 +76,52 @@ test: install train_cpu test_c
 
 clean:
 	rm -rf train_cpu test_cpu lib ref build *.egg-info pyrnn/_crnn*.so pyrnn/_crnn*.c pyrnn/_crnn*.o
+
+# ---- MPI ----
+# ./train_cpu_mpi: the CPU trainer built by mpicc with -DUSE_MPI, data-parallel over MPI ranks:
+# `mpiexec -n R ./train_cpu_mpi <train_cpu flags>` (README, "More than one process"). The MPI is
+# MPICC when given, else the mpicc on the PATH (Debian: mpich + libmpich-dev, or openmpi-bin +
+# libopenmpi-dev), else the mpich wheel in the Python environment (pip install mpich: mpicc, mpiexec,
+# mpi.h, libmpi.so; no root needed), installed there when missing; its mpiexec lies beside its mpicc.
+# ./train_gpu_mpi: the GPU trainer with NCCL (cuda/mpi_nccl.cuh) bootstrapped over the same MPI;
+# NCCL from NCCL_PATH, else the CUDA toolkit or the system, else the nvidia-nccl-cu13 wheel.
+mpi_comma := ,
+mpi_py_scripts = $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))" 2>/dev/null)
+ifeq ($(origin MPICC),undefined)
+MPICC = $(eval MPICC := $(or $(shell command -v mpicc 2>/dev/null),$(mpi_py_scripts)/mpicc))$(MPICC)
+endif
+# the compile and link flags the wrapper adds (MPICH: -show, Open MPI: --showme), for nvcc
+mpi_show = $(shell $(MPICC) -show 2>/dev/null || $(MPICC) --showme 2>/dev/null)
+MPI_NVCC_FLAGS = $(foreach w,$(wordlist 2,999,$(mpi_show)),$(if $(filter -I% -L% -l% -D%,$(w)),$(w),$(if $(filter -Wl$(mpi_comma)%,$(w)),-Xlinker $(patsubst -Wl$(mpi_comma)%,%,$(w)))))
+mpi_py_nccl = import nvidia.nccl as m; print(list(m.__path__)[0])
+mpi_sys_nccl = $(wildcard /usr/include/nccl.h /usr/include/x86_64-linux-gnu/nccl.h)
+NCCL_ROOT = $(eval NCCL_ROOT := $(or $(NCCL_PATH),$(if $(wildcard $(CUDA_HOME)/include/nccl.h),$(CUDA_HOME)),$(if $(mpi_sys_nccl),,$(shell $(PYTHON) -c "$(mpi_py_nccl)" 2>/dev/null))))$(NCCL_ROOT)
+
+.PHONY: mpi_deps nccl_deps clean_mpi
+
+mpi_deps:
+	@command -v $(MPICC) > /dev/null 2>&1 || { echo "no mpicc found: installing the mpich wheel into $(PYTHON)'s environment"; \
+		$(PYTHON) -m pip install -q --disable-pip-version-check mpich && command -v $(MPICC) > /dev/null; } \
+		|| { echo "error: no MPI: install one (apt-get install mpich libmpich-dev) or set MPICC"; exit 1; }
+
+train_cpu_mpi: $(C_SRC) $(C_DEPS) | mpi_deps
+	MPICH_CC="$(CC)" OMPI_CC="$(CC)" $(MPICC) -DUSE_MPI $(CFLAGS) $< -o $@ $(LDLIBS)
+	@echo "run it as: $$(dirname $$(command -v $(MPICC)))/mpiexec -n RANKS ./$@ <train_cpu flags>"
+
+nccl_deps:
+	$(PYTHON) -m pip install -q --disable-pip-version-check nvidia-nccl-cu13
+
+# needs cuda/train_rnn.cu to call nccl_init and nccl_step_mean (see cuda/mpi_nccl.cuh); without nvcc
+# it says so and succeeds, as the other GPU targets do
+train_gpu_mpi: cuda/train_rnn.cu cuda/mpi_nccl.cuh $(C_SRC) $(C_DEPS) | mpi_deps
+	@test -n "$(NVCC)" || { echo "nvcc not found (PATH, CUDA_HOME=$(CUDA_HOME)): skipping $@"; exit 0; }; \
+	test -n "$(CUDNN_ROOT)$(gpu_sys_cudnn)" || { echo "error: cuDNN not found: make cuda_deps, or set CUDNN_PATH"; exit 1; }; \
+	test -n "$(NCCL_ROOT)$(mpi_sys_nccl)" || { echo "error: NCCL not found: make nccl_deps, or set NCCL_PATH"; exit 1; }; \
+	echo "$(NVCC_CMD) -DUSE_MPI $(MPI_NVCC_FLAGS) $< -o $@ $(call gpu_dep_flags,$(NCCL_ROOT),nccl) $(GPU_LDLIBS)"; \
+	$(NVCC_CMD) -DUSE_MPI $(MPI_NVCC_FLAGS) $< -o $@ $(call gpu_dep_flags,$(NCCL_ROOT),nccl) $(GPU_LDLIBS)
+
+clean_mpi:
+	rm -f train_cpu_mpi train_gpu_mpi
 
 # ---- GPU ----
 # cuda/: the cuDNN trainer (./train_gpu), its compare-outputs harness (./test_gpu) and the library
@@ -94,10 +156,10 @@ GPU_ARCH ?= -gencode arch=compute_90,code=[sm_90,compute_90]
 NVCCFLAGS ?= -O3 -std=c++17 $(GPU_ARCH)
 NVCC_CMD = $(NVCC) $(NVCCFLAGS) -Xcompiler $(GPU_HOST_FLAGS)
 GPU_LDLIBS = $(GPU_LIBS) $(if $(findstring fopenmp,$(GPU_HOST_FLAGS)),-lgomp) -lm
-GPU_SRC = cuda/train_rnn.cu $(C_SRC)
+GPU_SRC = cuda/train_rnn.cu $(C_SRC) $(C_DEPS)
 GPU_REF_CELLS = rnn rnn_relu lstm gru
 
-.PHONY: lib_gpu test_gpu_run refs_gpu cuda_deps gpu_build_check gpu_info clean_gpu
+.PHONY: lib_gpu test_gpu_run refs_gpu cuda_deps gpu_build_check gpu_info gpu_verify bench_gpu clean_gpu
 
 ifeq ($(NVCC),)
 train_gpu test_gpu lib_gpu:
@@ -130,20 +192,32 @@ gpu_info:
 	@echo "NVCC=$(NVCC)"; echo "CUDNN_ROOT=$(CUDNN_ROOT)"; echo "CUBLAS_ROOT=$(CUBLAS_ROOT)"
 	@echo "GPU_LDLIBS=$(GPU_LDLIBS)"; echo "NVCC_CMD=$(NVCC_CMD)"
 
+# the pinned cuDNN and cuBLAS wheels for nvcc's CUDA major version (12 or 13; scripts/gpu_env.py)
 cuda_deps:
-	$(PYTHON) -m pip install -q --disable-pip-version-check nvidia-cudnn-cu13 nvidia-cublas
+	$(PYTHON) scripts/gpu_env.py deps $(if $(NVCC),--nvcc $(NVCC))
+
+# everything the GPU side promises, on a GPU machine, in one command (docs/gpu.md): its own venv
+# under build/gpu_verify, the builds, the harness, train_gpu against train_cpu, checkpoints, the
+# bindings, the numerical-fault tests and the benchmark; out/gpu_verify/summary.txt. Without a GPU
+# it says so in one line and stops. GPU_VERIFY_ARGS="--skip bench" (or --only STAGE...) for part of it.
+gpu_verify:
+	@$(PYTHON) scripts/gpu_verify.py $(GPU_VERIFY_ARGS)
+
+# train_gpu's step against PyTorch's (torch from TORCH_PYTHON, or any python3 that has it)
+bench_gpu: lib_gpu
+	$(PYTHON) scripts/bench_gpu.py --out out/bench_gpu.json
 
 # larger references than `make refs`: several blocks per kernel, E != H, more params than one reduction pass
 refs_gpu:
 	@mkdir -p ref
-	for c in lstm gru; do $(PYTHON) -m pyrnn.reference --cell $$c --vocab 65 --embed 48 --hidden 96 -B 16 -T 24 --steps 3 --max-grad-norm 0.1 -o ref/ref_big_$$c.bin || exit 1; done
+	for c in $(GPU_REF_CELLS); do $(PYTHON) -m pyrnn.reference --cell $$c --vocab 65 --embed 48 --hidden 96 -B 16 -T 24 --steps 3 --max-grad-norm 0.1 -o ref/ref_big_$$c.bin || exit 1; done
 
 # the harness on every reference, when there is a GPU to run it on
 test_gpu_run: test_gpu
 	@if ! nvidia-smi -L >/dev/null 2>&1; then echo "no GPU (nvidia-smi -L failed): skipping test_gpu_run"; exit 0; fi; \
 	if [ ! -x ./test_gpu ]; then echo "./test_gpu was not built: skipping test_gpu_run"; exit 0; fi; \
 	$(MAKE) refs refs_gpu || exit 1; \
-	for r in $(foreach c,$(GPU_REF_CELLS),ref/ref_$(c).bin) ref/ref_big_lstm.bin ref/ref_big_gru.bin; do \
+	for r in $(foreach c,$(GPU_REF_CELLS),ref/ref_$(c).bin ref/ref_big_$(c).bin); do \
 		log=ref/test_gpu_$$(basename $$r .bin).log; \
 		./test_gpu $$r > $$log 2>&1 || { cat $$log; exit 1; }; echo "$$r: $$(tail -1 $$log)"; done
 
@@ -160,7 +234,7 @@ clean_gpu:
 #   make fuzz        each libFuzzer target for FUZZ_SECONDS (needs clang); without clang, a gcc+ASan
 #                    driver replays the corpus and random mutations of it instead, and says so
 SAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1
-SAN_WARN = -Wall -Wextra -Wno-unused-function
+SAN_WARN = $(WARN)
 SAN_ENV = ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 # CPython never frees everything at exit, so leak checking is off only for the interpreter run
 SAN_PY_ENV = LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
@@ -175,21 +249,18 @@ HARD_DATA_PY = import sys, numpy as np; from pyrnn import data; \
 
 .PHONY: test_asan asan_build asan_py valgrind fuzz fuzz_build fuzz_replay fuzz_seeds fuzz_merge fuzz_coverage clean_hardening
 
-$(ASAN_DIR)/train_cpu: $(C_SRC)
+$(ASAN_DIR)/train_cpu: $(C_SRC) $(C_DEPS)
 	@mkdir -p $(@D)
 	$(CC) $(SAN_FLAGS) $(OMP) $(SAN_WARN) $< -o $@ $(LDLIBS)
-$(ASAN_DIR)/test_cpu: c/test_rnn.c c/reference.h $(C_SRC)
+$(ASAN_DIR)/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
 	@mkdir -p $(@D)
 	$(CC) $(SAN_FLAGS) $(OMP) $(SAN_WARN) $< -o $@ $(LDLIBS)
 
 # the cffi extension built with the sanitizers into a package folder of its own, whose .py files
 # are links to pyrnn/*.py; Python imports it from there when run in that folder
 asan_py: $(ASAN_DIR)/py/.built
-$(ASAN_DIR)/py/.built: $(C_SRC) pyrnn/_build.py
-	@mkdir -p $(ASAN_DIR)/py/pyrnn
-	rm -f $(ASAN_DIR)/py/pyrnn/_crnn*
-	CC="$(CC)" CFLAGS="$(SAN_FLAGS)" LDFLAGS="-fsanitize=address,undefined" $(PYTHON) -c \
-		"import sys; sys.path.insert(0, 'pyrnn'); import _build; _build.ffibuilder.compile(tmpdir='$(ASAN_DIR)/py')"
+$(ASAN_DIR)/py/.built: $(C_SRC) $(C_DEPS) pyrnn/_build.py
+	CC="$(CC)" CFLAGS="$(SAN_FLAGS)" LDFLAGS="-fsanitize=address,undefined" $(PYTHON) pyrnn/_build.py $(ASAN_DIR)/py
 	@touch $@
 
 asan_build: $(ASAN_DIR)/train_cpu $(ASAN_DIR)/test_cpu asan_py
@@ -219,7 +290,6 @@ test_asan: asan_build
 	@echo "== test_asan: CLI tests on the sanitized train_cpu"
 	$(SAN_ENV) PYRNN_TRAIN_CPU=$(CURDIR)/$(ASAN_DIR)/train_cpu $(PYTHON) -m pytest -q -p no:cacheprovider $(CLI_TESTS)
 	@echo "== test_asan: pytest suite on the sanitized extension (libasan preloaded)"
-	@for f in pyrnn/*.py; do ln -sf $(CURDIR)/$$f $(ASAN_DIR)/py/pyrnn/; done
 	cd $(ASAN_DIR)/py && $(SAN_PY_ENV) $(PYTHON) -c \
 		"import os, pyrnn._crnn as m; assert os.path.realpath(m.__file__).startswith(os.getcwd()), m.__file__; print('sanitized extension:', m.__file__)"
 	cd $(ASAN_DIR)/py && $(SAN_PY_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider $(CURDIR)/tests \
@@ -229,10 +299,10 @@ test_asan: asan_build
 VG_DIR = build/valgrind
 VALGRIND ?= valgrind
 VG = $(VALGRIND) -q --error-exitcode=1 --leak-check=full
-$(VG_DIR)/train_cpu: $(C_SRC)
+$(VG_DIR)/train_cpu: $(C_SRC) $(C_DEPS)
 	@mkdir -p $(@D)
 	$(CC) -O2 -g $(OMP) $(SAN_WARN) $< -o $@ $(LDLIBS)
-$(VG_DIR)/test_cpu: c/test_rnn.c c/reference.h $(C_SRC)
+$(VG_DIR)/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
 	@mkdir -p $(@D)
 	$(CC) -O2 -g $(OMP) $(SAN_WARN) $< -o $@ $(LDLIBS)
 
@@ -268,7 +338,7 @@ endif
 FUZZ_CFLAGS = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
 	$(SAN_WARN) -Wno-unknown-pragmas
 FUZZ_OPTS = -max_len=8192 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
-FUZZ_DEPS = fuzz/fuzz_common.h $(C_SRC) c/reference.h
+FUZZ_DEPS = fuzz/fuzz_common.h $(C_SRC) $(C_DEPS)
 # the gcc fallback: the same targets under fuzz/replay_main.c, random mutations per seed in the time box
 FUZZ_MUTATIONS ?= 100000000
 FUZZ_SEED ?= 1
@@ -337,6 +407,71 @@ fuzz_coverage:
 		$(LLVM_PROFDATA) merge -sparse $(FUZZ_DIR)/cov/$$t.profraw -o $(FUZZ_DIR)/cov/$$t.profdata || exit 1; \
 		echo "== $$t: $$(find $(FUZZ_DIR)/corpus/$$t fuzz/corpus/$$t fuzz/crashes/$$t -type f ! -name '.*' | wc -l) inputs"; \
 		$(LLVM_COV) report -show-functions $(FUZZ_DIR)/cov/cov_$$t -instr-profile=$(FUZZ_DIR)/cov/$$t.profdata \
-			c/train_rnn.c c/reference.h | sed -E 's/^[a-z_]+\.c://' | grep -E "^($(FUZZ_COV_FUNCS)) " \
+			$(C_SRC) $(C_DEPS) | sed -E 's/^[a-z_]+\.[ch]://' | grep -E "^($(FUZZ_COV_FUNCS)) " \
 			| awk '$$5 > $$6 { printf "  %-18s lines %3d/%-3d (%s)  branches %3d/%-3d (%s)\n", $$1, $$5 - $$6, $$5, $$7, $$8 - $$9, $$8, $$10 }'; \
 	done
+
+# ---- ISA builds ----
+# The GEMM kernel is sized per instruction set at compile time, so each ISA is a build of its own:
+#   make test_isa      test_cpu for x86-64-v2 (SSE), x86-64-v3 (AVX2), x86-64-v4 (AVX-512; run when this
+#                      CPU has it), native, and aarch64 (NEON; cross-compiled, run under qemu), the
+#                      compare-outputs harness on every cell on each; then the C-vs-oracle suite on the
+#                      cffi extension built for x86-64-v3 into build/isa/py (pyrnn/_crnn*.so is untouched)
+#   make check_spills  the GEMM inner loops compiled for x86-64-v3, x86-64-v4 and aarch64 keep their
+#                      accumulators in registers (scripts/check_spills.py)
+# aarch64 needs `apt-get install gcc-aarch64-linux-gnu libgomp1-arm64-cross qemu-user`.
+ISA_DIR = build/isa
+ISA_CELLS = rnn rnn_relu lstm gru
+ISA_X86 = $(if $(call try_flag,-march=x86-64-v2),x86-64-v2 x86-64-v3 x86-64-v4)
+ISA_BUILDS = $(ISA_X86) native aarch64
+ISA_PY_ARCH = x86-64-v3
+ISA_PY_TESTS = tests/test_c_vs_oracle.py tests/test_isa_builds.py
+AARCH64_CC ?= aarch64-linux-gnu-gcc
+AARCH64_SYSROOT ?= /usr/aarch64-linux-gnu
+QEMU_AARCH64 ?= qemu-aarch64 -L $(AARCH64_SYSROOT)
+SPILL_TARGETS ?= x86-64-v3 x86-64-v4 aarch64
+# the x86-64 levels this CPU runs, one a line (gcc >= 12 knows them; with another compiler only native
+# and aarch64 run)
+cpu_levels = printf '%s\n' 'int puts(const char*);' 'int main(void) {' \
+	$(foreach l,$(ISA_X86),'if (__builtin_cpu_supports("$(l)")) puts("$(l)");') 'return 0; }' \
+	| $(CC) -x c - -o $(ISA_DIR)/cpu_levels 2>/dev/null && $(ISA_DIR)/cpu_levels
+
+.PHONY: test_isa test_isa_py check_spills
+
+$(ISA_DIR)/%/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
+	@mkdir -p $(@D)
+	$(CC) $(OPT) -march=$* $(OMP) $(WARN) $< -o $@ $(LDLIBS)
+$(ISA_DIR)/native/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
+	@mkdir -p $(@D)
+	$(CC) $(OPT) $(call try_flag,-march=native) $(OMP) $(WARN) $< -o $@ $(LDLIBS)
+$(ISA_DIR)/aarch64/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
+	@command -v $(AARCH64_CC) > /dev/null || { echo "$(AARCH64_CC) not found (apt-get install gcc-aarch64-linux-gnu libgomp1-arm64-cross qemu-user)"; exit 1; }
+	@mkdir -p $(@D)
+	$(AARCH64_CC) -O3 -march=armv8-a -fno-math-errno -fopenmp $(WARN) $< -o $@ $(LDLIBS)
+
+test_isa: refs $(foreach a,$(ISA_BUILDS),$(ISA_DIR)/$(a)/test_cpu)
+	@command -v $(firstword $(QEMU_AARCH64)) > /dev/null || { echo "$(firstword $(QEMU_AARCH64)) not found (apt-get install qemu-user)"; exit 1; }
+	@levels=" $$($(cpu_levels) | tr '\n' ' ') "; \
+	for a in $(ISA_BUILDS); do \
+		run=; case $$a in aarch64) run="$(QEMU_AARCH64)";; native) ;; \
+			*) case "$$levels" in *" $$a "*) ;; *) echo "$$a: built; this CPU does not run it"; continue;; esac;; esac; \
+		for c in $(ISA_CELLS); do log=$(ISA_DIR)/$$a/test_$$c.log; \
+			$$run $(ISA_DIR)/$$a/test_cpu ref/ref_$$c.bin > $$log 2>&1 || { cat $$log; echo "$$a $$c: FAILED"; exit 1; }; \
+			echo "$$a $$c: $$(tail -1 $$log)"; done; done
+	@$(MAKE) --no-print-directory test_isa_py
+
+# the C-vs-oracle suite on the extension built for ISA_PY_ARCH, imported from its own package folder
+test_isa_py:
+	@mkdir -p $(ISA_DIR)
+	@case " $$($(cpu_levels) | tr '\n' ' ') " in *" $(ISA_PY_ARCH) "*) ;; \
+		*) echo "test_isa_py: this CPU does not run $(ISA_PY_ARCH): skipped"; exit 0;; esac; \
+	set -e; PYRNN_ARCH=$(ISA_PY_ARCH) $(PYTHON) pyrnn/_build.py $(ISA_DIR)/py > /dev/null; \
+	cd $(ISA_DIR)/py; \
+	PYRNN_ARCH=$(ISA_PY_ARCH) $(PYTHON) -c "import os, pyrnn, pyrnn._crnn as m; \
+		assert os.path.realpath(m.__file__).startswith(os.getcwd()), m.__file__; \
+		print('extension built for $(ISA_PY_ARCH):', m.__file__, '- pyrnn.isa():', pyrnn.isa())"; \
+	PYRNN_ARCH=$(ISA_PY_ARCH) $(PYTHON) -m pytest -q -p no:cacheprovider $(addprefix $(CURDIR)/,$(ISA_PY_TESTS)) \
+		|| { rc=$$?; [ $$rc -ne 5 ] || echo "test_isa_py: pytest collected no tests"; exit $$rc; }
+
+check_spills:
+	$(PYTHON) scripts/check_spills.py --cc "$(CC)" --aarch64-cc $(AARCH64_CC) --out-dir $(ISA_DIR)/asm $(SPILL_TARGETS)

@@ -1,10 +1,14 @@
 """cffi (API mode) build of pyrnn._crnn: c/train_rnn.c compiled as a library.
 
-setup.py runs this through `cffi_modules`; `python pyrnn/_build.py` builds in place too.
+setup.py runs this through `cffi_modules`; `python pyrnn/_build.py` builds in place too, and
+`python pyrnn/_build.py DIR` builds a separate copy of the package in DIR (see build_package).
+PYRNN_ARCH picks the CPU to build for, as the Makefile's ARCH does: -march=native by default,
+PYRNN_ARCH=x86-64-v3 (AVX2 + FMA), x86-64-v4 (AVX-512), x86-64-v2 or any other -march value.
 The struct declarations below are partial (`...;`): cffi asks the C compiler for the real
 layout, so fields the C side adds later never break the binding, and only the fields Python
 reads are named here.
 """
+import glob
 import os
 import shlex
 import shutil
@@ -14,7 +18,8 @@ import tempfile
 
 from cffi import FFI
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG_DIR = os.path.dirname(os.path.realpath(__file__))   # the real package, also when run through a link
+ROOT = os.path.dirname(PKG_DIR)
 C_DIR = os.path.join(ROOT, 'c')
 
 CDEF = """
@@ -46,6 +51,8 @@ typedef struct {
     ...;
 } Model;
 
+const char* pyrnn_isa(void);   /* the kernels this build holds: "avx512", "avx2", "neon", "sse2", "portable" */
+const char* pyrnn_build_flags(void);   /* the compiler flags below, as this build was made */
 const char* pyrnn_last_error(void);
 void pyrnn_set_num_threads(int n);
 int pyrnn_get_num_threads(void);
@@ -98,14 +105,20 @@ def _accepts(cc, flags):
 
 def _flags():
     cc = _compiler()
-    opt = next((f for f in (['-O3', '-march=native'], ['-O3']) if _accepts(cc, f)), [])
+    arch = os.environ.get('PYRNN_ARCH') or 'native'
+    march = ['-march=' + arch]
+    if not _accepts(cc, march):
+        if arch != 'native':
+            raise RuntimeError(f'PYRNN_ARCH={arch}: {" ".join(cc)} does not take -march={arch}')
+        march = []
+    opt = ['-O3'] if _accepts(cc, ['-O3']) else []
     omp = ['-fopenmp'] if _accepts(cc, ['-fopenmp']) else []  # without it the C code runs serially
     quiet = ['-Wno-unused-function'] + ([] if omp else ['-Wno-unknown-pragmas'])
     # Python's own CFLAGS carry -fwrapv, which blocks loop optimisations and cost 25% of a step
     nowrap = ['-fno-wrapv'] if _accepts(cc, ['-fno-wrapv']) else []
     # we never read errno, and a sqrtf that may set it keeps the AdamW loop scalar
     noerrno = ['-fno-math-errno'] if _accepts(cc, ['-fno-math-errno']) else []
-    return opt + omp + quiet + nowrap + noerrno, omp
+    return opt + march + omp + quiet + nowrap + noerrno, omp
 
 
 ffibuilder = FFI()
@@ -113,13 +126,37 @@ ffibuilder.cdef(CDEF)
 _compile_args, _link_args = _flags()
 ffibuilder.set_source(
     'pyrnn._crnn',
-    '#define PYRNN_NO_MAIN\n#include "train_rnn.c"\n',
+    '#define PYRNN_NO_MAIN\n#include "train_rnn.c"\n'
+    f'const char* pyrnn_build_flags(void) {{ return "{" ".join(_compile_args)}"; }}\n',
     include_dirs=[C_DIR],
-    depends=[os.path.join(C_DIR, 'train_rnn.c')],  # rebuild when the C core changes
+    # rebuild when the C core or a header it includes changes
+    depends=[os.path.join(C_DIR, 'train_rnn.c')] + sorted(glob.glob(os.path.join(C_DIR, '*.h'))),
     extra_compile_args=_compile_args,
     extra_link_args=_link_args,
     libraries=['m'],
 )
 
+
+def build_package(folder):
+    """The extension built into folder/pyrnn/, beside links to this package's .py files: Python run
+    in `folder` (or with it first on sys.path) imports that build, and the installed one stays as it
+    is. Returns the extension's path."""
+    pkg = os.path.join(folder, 'pyrnn')
+    os.makedirs(pkg, exist_ok=True)
+    for f in glob.glob(os.path.join(pkg, '_crnn*')):   # flags are not tracked: always a fresh build
+        os.remove(f)
+    so = ffibuilder.compile(tmpdir=folder)
+    for src in glob.glob(os.path.join(PKG_DIR, '*.py')):
+        dst = os.path.join(pkg, os.path.basename(src))
+        if os.path.lexists(dst):
+            os.remove(dst)
+        os.symlink(src, dst)
+    return so
+
+
 if __name__ == '__main__':
-    ffibuilder.compile(tmpdir=ROOT, verbose=True)
+    import sys
+    if len(sys.argv) > 1:
+        print(build_package(sys.argv[1]))
+    else:
+        ffibuilder.compile(tmpdir=ROOT, verbose=True)

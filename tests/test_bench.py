@@ -1,22 +1,40 @@
 """python -m pyrnn bench end to end on the smallest case: the table and JSON it writes hold
-consistent figures (tokens/s from the median step, GFLOP/s from the FLOP count, paired ratios)."""
+consistent figures (tokens/s from the median step, GFLOP/s from the FLOP count, paired ratios) and
+name the CPU and the instruction set each side ran; --isa avx2 runs a separate x86-64-v3 build."""
 import json
+import os
 import subprocess
 import sys
 from statistics import median
 
-from pyrnn.bench import CONFIGS, step_flops
+import pytest
+
+import pyrnn
+from pyrnn.bench import CONFIGS, HELD_ISA, LAYER_CONFIGS, _cpu, layer_step_flops, make_layer_step, step_flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench(tmp_path, *args):
+    out = tmp_path / 'bench.json'
+    r = subprocess.run([sys.executable, '-m', 'pyrnn', 'bench', '--configs', 'small', '--cells', 'rnn',
+                        '--warmup', '1', '--out', str(out), *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout, json.loads(out.read_text())
 
 
 def test_bench_writes_consistent_results(tmp_path):
-    out = tmp_path / 'bench.json'
-    r = subprocess.run([sys.executable, '-m', 'pyrnn', 'bench', '--threads', '1', '--configs', 'small',
-                        '--cells', 'rnn', '--rounds', '3', '--repeats', '2', '--warmup', '1', '--out', str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert 'small   rnn   c' in r.stdout
-    d = json.loads(out.read_text())
+    stdout, d = bench(tmp_path, '--threads', '1', '--rounds', '3', '--repeats', '2')
+    assert 'small    rnn   c' in stdout
     assert d['threads'] == 1 and d['rounds'] == 3 and d['gemm_gflops']['numpy'] > 0
+    # the CPU model, and the kernels of the extension this process imports too
+    assert d['cpu'] == _cpu()[0] and f"\n{d['cpu']}, {os.cpu_count()} cores, 1 threads\n" in '\n' + stdout
+    isa = d['isa']
+    assert isa['held_to'] == 'native' and isa['env'] == {} and isa['c'] == pyrnn.isa()
+    assert f"instruction sets: C {pyrnn.isa()} (" in stdout
+    assert os.path.samefile(isa['c_extension'], pyrnn._crnn.__file__)
+    if 'torch' in d['gemm_gflops']:
+        assert isa['torch'] in stdout and isa['torch'].isupper()
     rows = {x['impl']: x for x in d['results']}
     assert {'c', 'numpy'} <= set(rows)
     E, H, L, B, T, _ = CONFIGS['small']
@@ -32,3 +50,32 @@ def test_bench_writes_consistent_results(tmp_path):
         paired = sorted(a / b for a, b in zip(c, t))
         assert all(abs(x - y) < 0.01 * y for x, y in zip(rows['c']['x_torch_rounds'], paired))
         assert abs(rows['c']['x_torch'] - median(paired)) < 0.01 * median(paired)
+
+
+@pytest.mark.skipif(not {'avx2', 'fma'} <= _cpu()[1], reason='needs an x86 CPU with AVX2 and FMA')
+def test_bench_isa_avx2_builds_and_holds_both_sides(tmp_path):
+    installed = pyrnn._crnn.__file__
+    before = os.stat(installed).st_mtime_ns
+    stdout, d = bench(tmp_path, '--threads', '1', '--rounds', '1', '--repeats', '1', '--isa', 'avx2', '--no-numpy')
+    isa = d['isa']
+    assert isa['held_to'] == 'avx2' and isa['env'] == HELD_ISA['avx2']['env']
+    assert '-march=x86-64-v3' in isa['c_build_flags'].split()
+    # the workers imported a build of their own, gone with the run; the installed one is untouched
+    assert os.path.dirname(isa['c_extension']) != os.path.dirname(os.path.realpath(installed))
+    assert not os.path.exists(isa['c_extension'])
+    assert os.stat(installed).st_mtime_ns == before
+    assert 'held to avx2: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2' in stdout
+    if isa['blas'] is not None:
+        assert isa['blas'] == 'Haswell'
+    if 'torch' in d['gemm_gflops']:
+        assert isa['torch'] == 'AVX2'
+    assert {x['impl'] for x in d['results']} >= {'c'}
+
+
+def test_layer_mode_counts_both_directions_and_runs():
+    # a bidirectional layer l > 0 reads both directions' outputs: 2H inputs per direction
+    I, H, L, B, T, D = LAYER_CONFIGS['layer_bi']
+    assert layer_step_flops('lstm', I, H, L, B, T, 2) == 3 * 2 * 2 * B * T * 4 * H * ((I + H) + (2 * H + H))
+    assert layer_step_flops('lstm', I, H, L, B, T, 1) == 3 * 2 * B * T * 4 * H * ((I + H) + (H + H))
+    for config in LAYER_CONFIGS:   # the C side's step runs through the layer API
+        make_layer_step('c', config, 'lstm', 1)()

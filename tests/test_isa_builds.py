@@ -1,0 +1,196 @@
+"""Builds for a chosen CPU: the C backend reports the kernels its compiler flags select, ARCH and
+PYRNN_ARCH reach the compiler, and the no-spill check (scripts/check_spills.py) tells a kernel loop
+that keeps its accumulators in registers from one that spills."""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import pyrnn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ISAS = ('avx512', 'avx2', 'neon', 'sse2', 'portable')
+
+
+def expected_isa(macros):
+    """The kernel the issue asks for under these predefined macros."""
+    if '__AVX512F__' in macros:
+        return 'avx512'
+    if '__AVX2__' in macros and '__FMA__' in macros:
+        return 'avx2'
+    if '__ARM_NEON' in macros:
+        return 'neon'
+    return 'sse2' if '__SSE2__' in macros else 'portable'
+
+
+def test_isa_matches_the_build_flags():
+    # the macros the extension's own flags define (run with PYRNN_ARCH=x86-64-v3 by `make test_isa`)
+    from pyrnn import _crnn
+    flags = _crnn.ffi.string(_crnn.lib.pyrnn_build_flags()).decode().split()
+    from pyrnn._build import _compiler
+    r = subprocess.run(_compiler() + flags + ['-dM', '-E', '-x', 'c', os.devnull], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    macros = {line.split()[1] for line in r.stdout.splitlines() if line.startswith('#define ')}
+    assert pyrnn.isa() in ISAS
+    assert pyrnn.isa() == expected_isa(macros), (flags, pyrnn.isa())
+
+
+def test_expected_isa_table():
+    assert expected_isa({'__AVX512F__', '__AVX2__', '__FMA__', '__SSE2__'}) == 'avx512'
+    assert expected_isa({'__AVX2__', '__SSE2__'}) == 'sse2'   # AVX2 without FMA gets no 6x16 FMA tile
+    assert expected_isa({'__AVX2__', '__FMA__', '__SSE2__'}) == 'avx2'
+    assert expected_isa({'__ARM_NEON', '__aarch64__'}) == 'neon'
+    assert expected_isa(set()) == 'portable'
+
+
+def build_flags(env_arch):
+    env = dict(os.environ)
+    env.pop('PYRNN_ARCH', None)
+    if env_arch:
+        env['PYRNN_ARCH'] = env_arch
+    return subprocess.run([sys.executable, '-c', 'import _build; print(" ".join(_build._compile_args))'],
+                          cwd=os.path.join(ROOT, 'pyrnn'), env=env, capture_output=True, text=True)
+
+
+def test_pyrnn_arch_reaches_the_extension_build():
+    from pyrnn._build import _accepts, _compiler
+    if _accepts(_compiler(), ['-march=x86-64-v3']):
+        r = build_flags('x86-64-v3')
+        assert r.returncode == 0, r.stderr
+        assert '-march=x86-64-v3' in r.stdout.split() and '-march=native' not in r.stdout.split()
+    r = build_flags('no-such-cpu')
+    assert r.returncode != 0 and 'PYRNN_ARCH=no-such-cpu' in r.stderr and '-march=no-such-cpu' in r.stderr
+
+
+def make_flags(*args, env=None):
+    """The compile line `make train_cpu` would run."""
+    e = dict(os.environ, **(env or {}))
+    e.pop('CFLAGS', None)
+    for k in ('ARCH', 'PYRNN_ARCH'):
+        if k not in (env or {}):
+            e.pop(k, None)
+    r = subprocess.run(['make', '-n', '-B', '-s', 'train_cpu', *args], cwd=ROOT, env=e, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()
+
+
+@pytest.mark.skipif(not shutil.which('make'), reason='make is not available')
+def test_make_arch_picks_the_target():
+    assert '-march=x86-64-v3' in make_flags('ARCH=x86-64-v3')
+    assert '-march=x86-64-v4' in make_flags(env={'PYRNN_ARCH': 'x86-64-v4'})
+    default = make_flags(env={'ARCH': 'x86-64-v2'})   # ARCH in the environment is not ours
+    assert '-march=x86-64-v2' not in default
+    assert not any(f.startswith('-march=') and f != '-march=native' for f in default)
+
+
+# ---------------------------------------------------------------------------- the no-spill check
+
+def spills_module():
+    spec = importlib.util.spec_from_file_location('check_spills', os.path.join(ROOT, 'scripts', 'check_spills.py'))
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+X86 = """\
+\t.text
+matmul_tile_rowmajor.constprop.0:
+\t.cfi_startproc
+\tpushq\t%rbp
+\tmovq\t%rsp, %rbp
+\tsubq\t$64, %rsp
+.L3:
+\tvmovups\t(%r8), %ymm1
+\tvbroadcastss\t(%r9,%rax), %ymm2
+\tvfmadd231ps\t%ymm2, %ymm1, %ymm3
+{inner}
+\taddq\t$4, %rax
+\tcmpq\t%rax, %rdx
+\tjne\t.L3
+.L5:
+\tvmovss\t-32(%rbp,%rcx,4), %xmm0
+\tvaddss\t(%rdi,%rcx,4), %xmm0, %xmm0
+\tjne\t.L5
+\tleave
+\tret
+\t.cfi_endproc
+\t.size\tmatmul_tile_rowmajor.constprop.0, .-matmul_tile_rowmajor.constprop.0
+matmul_tile_transposed:
+.L9:
+\tvfmadd231ps\t%ymm2, %ymm1, %ymm4
+\tjb\t.L9
+\tret
+\t.size\tmatmul_tile_transposed, .-matmul_tile_transposed
+"""
+
+ARM = """\
+matmul_tile_rowmajor:
+\tstp\tx29, x30, [sp, -64]!
+\tmov\tx29, sp
+.L19:
+\tldr\tq1, [x4]
+\tfmla\tv0.4s, v1.4s, v2.s[0]
+{inner}
+\tcmp\tx3, x5
+\tbne\t.L19
+\tret
+\t.size\tmatmul_tile_rowmajor, .-matmul_tile_rowmajor
+matmul_tile_transposed:
+.L30:
+\tldr\tq2, [x1], 16
+\tsubs\tw2, w2, #1
+\tfmla\tv3.4s, v2.4s, v4.s[1]
+\tb.ne\t.L30
+\tret
+\t.size\tmatmul_tile_transposed, .-matmul_tile_transposed
+"""
+
+
+def test_spill_check_finds_stack_references_in_the_fma_loop():
+    cs = spills_module()
+    clean = cs.analyse(X86.format(inner='\tvfmadd231ps\t%ymm2, %ymm0, %ymm5'), 'x86')
+    # the scalar edge loop .L5 reads the stack by design and has no FMA: not a kernel loop
+    assert clean == [('matmul_tile_rowmajor.constprop.0', '.L3', 7, 0), ('matmul_tile_transposed', '.L9', 2, 0)]
+    spilled = cs.analyse(X86.format(inner='\tvmovaps\t%ymm6, 96(%rsp)\n\tvmovaps\t-64(%rbp), %ymm6'), 'x86')
+    assert spilled[0] == ('matmul_tile_rowmajor.constprop.0', '.L3', 8, 2)
+    pushed = cs.analyse(X86.format(inner='\tpushq\t%rbx\n\tpopq\t%rbx'), 'x86')
+    assert pushed[0][3] == 2
+
+
+def test_spill_check_counts_rbp_only_as_a_frame_pointer():
+    cs = spills_module()
+    # without `movq %rsp, %rbp`, rbp is one more general register
+    asm = X86.replace('\tmovq\t%rsp, %rbp\n', '').format(inner='\tvmovups\t32(%rbp), %ymm6')
+    assert cs.analyse(asm, 'x86')[0][3] == 0
+    assert cs.analyse(X86.format(inner='\tvmovups\t32(%rbp), %ymm6'), 'x86')[0][3] == 1
+
+
+def test_spill_check_aarch64():
+    cs = spills_module()
+    assert cs.analyse(ARM.format(inner='\tfmla\tv5.4s, v1.4s, v2.s[1]'), 'arm') == [
+        ('matmul_tile_rowmajor', '.L19', 5, 0), ('matmul_tile_transposed', '.L30', 4, 0)]
+    spilled = cs.analyse(ARM.format(inner='\tstr\tq8, [sp, 160]\n\tldr\tq8, [x29, 32]'), 'arm')
+    assert spilled[0] == ('matmul_tile_rowmajor', '.L19', 6, 2)
+
+
+def test_spill_check_innermost_loop_only_and_missing_kernel():
+    cs = spills_module()
+    nested = """\
+matmul_tile_rowmajor:
+.L1:
+\tmovq\t%rax, 8(%rsp)
+.L2:
+\tvfmadd231ps\t%zmm2, %zmm1, %zmm3
+\tjne\t.L2
+\tvfmadd231ps\t%zmm2, %zmm1, %zmm3
+\tjne\t.L1
+\tret
+\t.size\tmatmul_tile_rowmajor, .-matmul_tile_rowmajor
+"""
+    assert cs.analyse(nested, 'x86') == [('matmul_tile_rowmajor', '.L2', 2, 0)]
+    no_loop = 'matmul_tile_rowmajor:\n\tvfmadd231ps\t%zmm2, %zmm1, %zmm3\n\tret\n\t.size\tmatmul_tile_rowmajor, .-x\n'
+    assert cs.analyse(no_loop, 'x86') == [('matmul_tile_rowmajor', None, 0, 0)]
+    assert cs.analyse('other:\n\tret\n', 'x86') == []
