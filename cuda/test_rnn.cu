@@ -2,14 +2,14 @@
 Compare-outputs harness for the GPU model: loads a reference file written by the NumPy oracle, runs
 the cuDNN trainer on the same batch and prints one line per tensor, as c/test_rnn.c does for the
 CPU. Exits non-zero on any mismatch.
-    ./test_gpu ref/ref_lstm.bin [-tol 1e-4] [-tf32]
+    ./test_gpu ref/ref_lstm.bin [-tol 1e-4] [-tf32] [-algo auto|standard|persist_static|persist_small_h]
 Default math is exact fp32 (cuDNN FMA math, no TF32 in cuBLAS); -tf32 is for looking, not for
-passing (expect ~1e-3).
+passing (expect ~1e-3). -algo picks cuDNN's RNN algorithm (default auto); exit status 3 means
+cuDNN does not run the one asked for at this shape.
 */
 #define PYRNN_CUDA_NO_MAIN
 #include "train_rnn.cu"
 #include "../c/reference.h"
-
 
 static int die(void) {
     fprintf(stderr, "error: %s\n", pyrnn_last_error());
@@ -17,12 +17,14 @@ static int die(void) {
 }
 
 int main(int argc, char** argv) {
-    if (argc < 2) { fprintf(stderr, "usage: %s REFERENCE_FILE [-tol X] [-tf32]\n", argv[0]); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: %s REFERENCE_FILE [-tol X] [-tf32] [-algo NAME]\n", argv[0]); return 2; }
     float tolerance = 1e-4f;
     int tf32 = 0;
+    const char* algo = "auto";
     for (int i = 2; i < argc; i++) {
         if (strcmp(argv[i], "-tol") == 0 && i + 1 < argc) tolerance = strtof(argv[++i], NULL);
         else if (strcmp(argv[i], "-tf32") == 0) tf32 = 1;
+        else if (strcmp(argv[i], "-algo") == 0 && i + 1 < argc) algo = argv[++i];
         else { fprintf(stderr, "unknown argument '%s'\n", argv[i]); return 2; }
     }
     Reference r;
@@ -33,8 +35,9 @@ int main(int argc, char** argv) {
     int lstm = c.cell == CELL_LSTM;
     printf("reference %s: cell=%s V=%d E=%d H=%d L=%d B=%d T=%d steps=%d | gpu %s math\n", argv[1], cell_names[c.cell],
            c.vocab_size, c.embed_size, c.hidden_size, c.n_layers, r.B, r.T, r.n_steps, tf32 ? "tf32" : "fp32");
-    void* g = gpu_lm_new(c.cell, c.vocab_size, c.embed_size, c.hidden_size, c.n_layers, r.B, r.T, tf32);
-    if (!g) return die();
+    void* g = gpu_lm_new(c.cell, c.vocab_size, c.embed_size, c.hidden_size, c.n_layers, r.B, r.T, tf32, algo);
+    if (!g) return gpu_algo_refused ? (die(), 3) : die();
+    printf("gpu: %s\n", gpu_lm_about(g));
     float* logits = (float*)malloc(btv * sizeof(float));
     float* grads = (float*)malloc(P * sizeof(float));
     float* params = (float*)malloc(P * sizeof(float));

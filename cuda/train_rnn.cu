@@ -1,29 +1,41 @@
 /*
 pyrnn on the GPU: the character LM of c/train_rnn.c with the recurrent stack in cuDNN and
-everything else (embedding, head, softmax cross-entropy, clipping, AdamW) in a few kernels and
-cuBLAS calls of our own. Same model, same flat parameter layout (torch state_dict order), same
-AdamW and clipping semantics; the host side (flags, data, checkpoints, sampling, errors) is the
-CPU file itself, included below.
+everything else (embedding, head, dropout before the head, softmax cross-entropy, clipping, AdamW)
+in a few kernels and cuBLAS calls of our own. Same model, same flat parameter layout (torch
+state_dict order), same AdamW and clipping semantics; the host side (flags, data, checkpoints,
+sampling, errors) is the CPU file itself, included below.
 
-    ./train_gpu [--math fp32|tf32] [--cudnn-algo standard|static|small_h|dynamic] <CPU trainer flags>
+    ./train_gpu [--math fp32|tf32] [--cudnn-algo auto|standard|persist_static|persist_small_h] <CPU trainer flags>
 
 --math fp32 (default): cuDNN FMA math and plain fp32 cuBLAS, what the compare-outputs harness
 checks; tf32 lets cuDNN (CUDNN_DEFAULT_MATH) and cuBLAS use TF32 tensor cores, PyTorch's default
-for fp32 RNNs. Dropout is not implemented on the GPU: a run asking for it is refused.
+for fp32 RNNs. --cudnn-algo (default auto, or $PYRNN_CUDNN_ALGO): see gpu_auto_algos; the choice
+and the reason for it are printed when the model is made.
 
 Layout: our flat params on the device are the master copy (AdamW, clipping and checkpoints work
 on that one buffer). cuDNN wants its own weight space, so the recurrent part is copied into it
 before a forward (only when the params changed) and its gradient space is added back into our
 flat grads after the backward, through a list of (flat offset, weight-space offset, count)
 segments built once from cudnnGetRNNWeightParams. Activations are time-major (row t*B + b), as on
-the CPU, which is cuDNN's SEQ_MAJOR layout. One stream; the host waits only where it reads a
-result (loss, norm, states).
+the CPU, which is cuDNN's SEQ_MAJOR layout. One stream; a training step waits once, for the loss
+and the gradient norm.
+
+Deterministic: the same inputs give the same bits, run after run (the embedding gradient is summed
+in a fixed order, every reduction has a fixed shape), so a resumed run continues exactly.
+
+Dropout (-p): cuDNN's dropout descriptor between layers, our dropout_kernel before the head. The
+masks need not match the CPU's; they follow from the run's generator `rng` (in the checkpoint):
+the head's mask of a step from a seed drawn from rng, and cuDNN's generator is re-seeded from rng
+whenever rng enters (set_params) or leaves (get_params) the model, so a resumed run draws what
+the uninterrupted one drew.
 
 Built three ways: ./train_gpu (this file), ./test_gpu (cuda/test_rnn.cu includes this file with
-PYRNN_CUDA_NO_MAIN) and lib/libpyrnn_cuda.so (-DPYRNN_CUDA_LIB, the extern "C" API at the end).
+PYRNN_CUDA_NO_MAIN) and lib/libpyrnn_cuda.so (-DPYRNN_CUDA_LIB, the extern "C" API at the end);
+with -DUSE_MPI and NCCL, ./train_gpu_mpi averages each step over ranks (cuda/mpi_nccl.cuh).
 */
 #define PYRNN_NO_MAIN
 #include "../c/train_rnn.c"
+#include "mpi_nccl.cuh"   // data-parallel ranks (./train_gpu_mpi); no-ops in one process
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -60,14 +72,73 @@ static int gpu_fail_cudnn(const char* call, cudnnStatus_t s, const char* file, i
     if (e_ != cudaSuccess) return gpu_fail(kernel, cudaGetErrorString(e_), __FILE__, __LINE__); } while (0)
 
 // ----------------------------------------------------------------------------
+// the driver and the device: a too-old driver, no driver and no GPU each get their own message
+
+// "580.159.03" from /proc/driver/nvidia/version, or "" where the kernel module does not say
+static void nvidia_driver_release(char* out, size_t size) {
+    out[0] = 0;
+    FILE* f = fopen("/proc/driver/nvidia/version", "r");
+    if (!f) return;
+    char line[512];
+    if (fgets(line, sizeof(line), f)) {
+        const char* p = strstr(line, "Kernel Module");
+        if (p) {
+            p += strlen("Kernel Module");
+            while (*p == ' ' || *p == '\t') p++;
+            size_t n = 0;
+            while (p[n] && p[n] != ' ' && p[n] != '\t' && p[n] != '\n' && n + 1 < size) n++;
+            snprintf(out, size, "%.*s", (int)n, p);
+        }
+    }
+    fclose(f);
+}
+
+// the oldest driver branch that runs a CUDA major version (its x.0 release)
+static const char* driver_branch_for(int cuda_major) {
+    return cuda_major >= 13 ? "R580" : cuda_major == 12 ? "R525" : "R450";
+}
+
+// CUDA versions are 1000 * major + 10 * minor. Minor-version compatibility lets a driver of the
+// same major run a newer minor runtime, so only the major is compared before asking for devices.
+static int gpu_check_device(void) {
+    int runtime = 0, driver = 0;
+    CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
+    CUDA_CHECK(cudaDriverGetVersion(&driver));   // 0 when no driver is installed
+    int rt_major = runtime / 1000, rt_minor = runtime % 1000 / 10;
+    char release[64], found[160];
+    nvidia_driver_release(release, sizeof(release));
+    if (release[0]) snprintf(found, sizeof(found), "driver %s, for CUDA %d.%d", release, driver / 1000, driver % 1000 / 10);
+    else snprintf(found, sizeof(found), "a driver for CUDA %d.%d", driver / 1000, driver % 1000 / 10);
+    if (driver == 0)
+        return fail("no NVIDIA driver found (libcuda.so.1 is missing or cannot be loaded); this build uses CUDA %d.%d, "
+                    "which needs driver %s or newer", rt_major, rt_minor, driver_branch_for(rt_major));
+    if (driver / 1000 < rt_major)
+        return fail("the NVIDIA driver is too old: found %s, this build uses CUDA %d.%d, which needs driver %s or newer; "
+                    "update the driver, or rebuild with a CUDA %d toolkit (nvcc %d: make cuda_deps then installs the "
+                    "-cu%d wheels)", found, rt_major, rt_minor, driver_branch_for(rt_major), driver / 1000, driver / 1000,
+                    driver / 1000);
+    int n_dev = 0;
+    cudaError_t e = cudaGetDeviceCount(&n_dev);
+    if (e == cudaErrorNoDevice || (e == cudaSuccess && n_dev < 1))
+        return fail("no CUDA device found: the NVIDIA driver is installed (%s) but sees no GPU", found);
+    if (e == cudaErrorInsufficientDriver)
+        return fail("the NVIDIA driver is too old: found %s, this build uses CUDA %d.%d; update the driver to the "
+                    "one of CUDA %d.%d or newer", found, rt_major, rt_minor, rt_major, rt_minor);
+    if (e != cudaSuccess) return fail("cudaGetDeviceCount: %s (%s)", cudaGetErrorString(e), found);
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
 // kernels
 
 #define WARP 32
 #define ROWS_PER_BLOCK 8            // softmax: one warp per row
 #define REDUCE_THREADS 256          // deterministic reductions: fixed block size ...
 #define NORM_BLOCKS 512             // ... and a fixed number of partial sums
+#define EMB_CHUNK 32                // embedding gradient: rows summed per block, in order
 
 static int threads_for(int n) { return n >= 256 ? 256 : ((n + WARP - 1) / WARP) * WARP; }
+static unsigned blocks_for(size_t n, size_t cap) { size_t b = (n + 255) / 256; return (unsigned)(b < 1 ? 1 : b > cap ? cap : b); }
 
 // x[(t*B + b)*E + e] = table[inputs[b*T + t]*E + e]; one block per (t, b) row
 __global__ void embedding_forward_kernel(float* x, const float* table, const int* inputs, int B, int T, int E) {
@@ -77,12 +148,46 @@ __global__ void embedding_forward_kernel(float* x, const float* table, const int
     for (int e = threadIdx.x; e < E; e += blockDim.x) dst[e] = src[e];
 }
 
-// dtable[token] += dx[row]; rows sharing a token collide, hence the atomics (order not fixed)
-__global__ void embedding_backward_kernel(float* dtable, const float* dx, const int* inputs, int B, int T, int E) {
-    int row = blockIdx.x, t = row / B, b = row % B;
-    float* dst = dtable + (size_t)inputs[(size_t)b * T + t] * E;
-    const float* src = dx + (size_t)row * E;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) atomicAdd(dst + e, src[e]);
+// The embedding gradient in a fixed order (no atomics): the host lists the rows of each token in
+// row order, cut into chunks of at most EMB_CHUNK rows (gpu_upload_tokens). Block k sums chunk k's
+// rows of dx; then block j adds token j's chunk sums, in order, to its row of the table's gradient.
+__global__ void embedding_chunk_sums_kernel(float* sums, const float* dx, const int* rows, const int* chunk_start, int E) {
+    int k = blockIdx.x, lo = chunk_start[k], hi = chunk_start[k + 1];
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        float s = 0.0f;
+        for (int i = lo; i < hi; i++) s += dx[(size_t)rows[i] * E + e];
+        sums[(size_t)k * E + e] = s;
+    }
+}
+
+__global__ void embedding_add_kernel(float* dtable, const float* sums, const int* token, const int* token_chunk, int E) {
+    int j = blockIdx.x, lo = token_chunk[j], hi = token_chunk[j + 1];
+    float* dst = dtable + (size_t)token[j] * E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        float s = 0.0f;
+        for (int k = lo; k < hi; k++) s += sums[(size_t)k * E + e];
+        dst[e] += s;
+    }
+}
+
+// splitmix64's output function: a counter through it gives independent uniform 64-bit values
+__host__ __device__ static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+#define GOLDEN 0x9E3779B97F4A7C15ull
+
+// the next value of a splitmix64 generator
+static uint64_t split_next(uint64_t* state) { *state += GOLDEN; return mix64(*state); }
+
+// out = in * mask, mask[i] = 0 with probability p, else 1/(1-p), drawn from (seed, i) alone: the
+// backward pass calls it again with the same seed on the gradient. In place is fine.
+__global__ void dropout_kernel(float* out, const float* in, size_t n, float p, float scale, uint64_t seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float u = (float)(mix64(seed + (i + 1) * GOLDEN) >> 40) * (1.0f / 16777216.0f);
+        out[i] = u < p ? 0.0f : in[i] * scale;
+    }
 }
 
 __device__ float warp_max(float v) {
@@ -217,14 +322,69 @@ __global__ void fill_kernel(float* x, float value, size_t n) {
 }
 
 // ----------------------------------------------------------------------------
+// cuDNN's RNN algorithms, by the names --cudnn-algo and $PYRNN_CUDNN_ALGO take. PERSIST_DYNAMIC is
+// left out: it compiles kernels at run time through NVRTC, which the pinned wheels do not bring.
+
+#define GPU_ALGO_AUTO -1
+static const struct { const char* name; int algo; } gpu_algos[] = {
+    { "standard", CUDNN_RNN_ALGO_STANDARD },
+    { "persist_static", CUDNN_RNN_ALGO_PERSIST_STATIC },
+    { "persist_small_h", CUDNN_RNN_ALGO_PERSIST_STATIC_SMALL_H },
+};
+#define N_GPU_ALGOS ((int)(sizeof(gpu_algos) / sizeof(gpu_algos[0])))
+
+static const char* gpu_algo_name(int algo) {
+    for (int i = 0; i < N_GPU_ALGOS; i++) if (gpu_algos[i].algo == algo) return gpu_algos[i].name;
+    return algo == GPU_ALGO_AUTO ? "auto" : "?";
+}
+
+// "auto" or an algorithm name -> GPU_ALGO_AUTO or the cudnnRNNAlgo_t; NULL or "" is auto
+static int gpu_algo_parse(int* algo, const char* name) {
+    if (!name || !*name || strcmp(name, "auto") == 0) { *algo = GPU_ALGO_AUTO; return 0; }
+    for (int i = 0; i < N_GPU_ALGOS; i++) if (strcmp(name, gpu_algos[i].name) == 0) { *algo = gpu_algos[i].algo; return 0; }
+    return fail("unknown cuDNN RNN algorithm '%s' (expected auto, standard, persist_static or persist_small_h)", name);
+}
+
+// set when an algorithm asked for by name is one cuDNN does not run for the model (test_gpu exits 3)
+int gpu_algo_refused = 0;
+
+// What auto tries, best first; the first that cuDNN sets up and runs is kept. The rules are
+// PyTorch's (aten/src/ATen/native/cudnn/RNN.cpp, get_algo): SMALL_H for non-double data when H is
+// at most 128 (LSTM, GRU) or 256 (RNN) -- torch's backward-pass limits; it allows 192 / 384 in the
+// forward pass, but one descriptor serves both here -- and PERSIST_STATIC for shapes torch's
+// heuristics accept (H and E multiples of 128, H <= 1024, B a multiple of 8 up to 128; no GRU,
+// which torch found slower; no tanh / relu RNN with B >= 96 and H >= 896), which torch takes for
+// fp16 only: here the device benchmark decides whether it pays in fp32. Else STANDARD.
+static int gpu_auto_algos(int* out, char* why, size_t why_size, const Config* c, int B) {
+    int n = 0, H = c->hidden_size, E = c->embed_size;
+    int gated = c->cell == CELL_LSTM || c->cell == CELL_GRU, h_max = gated ? 128 : 256;
+    if (H <= h_max) {
+        out[n++] = CUDNN_RNN_ALGO_PERSIST_STATIC_SMALL_H;
+        snprintf(why, why_size, "H=%d <= %d for %s", H, h_max, cell_names[c->cell]);
+    } else {
+        snprintf(why, why_size, "H=%d > %d for %s", H, h_max, cell_names[c->cell]);
+    }
+    int rnn_large = !gated && B >= 96 && H >= 896;
+    if (H % 128 == 0 && E % 128 == 0 && H <= 1024 && B % 8 == 0 && B <= 128 && c->cell != CELL_GRU && !rnn_large)
+        out[n++] = CUDNN_RNN_ALGO_PERSIST_STATIC;
+    out[n++] = CUDNN_RNN_ALGO_STANDARD;
+    return n;
+}
+
+// ----------------------------------------------------------------------------
 // the model on the device
 
 typedef struct {
     Config config;
     int B, T, G, tf32;
-    size_t num_params, n_emb, lbh;                  // P, V*E, L*B*H
-    uint64_t rng;                                    // kept for checkpoints; no dropout masks to draw
+    int algo;                                        // the cudnnRNNAlgo_t in use
+    char about[1200];                                // device, libraries, math and algorithm, for the log
+    float dropout;
+    size_t num_params, n_emb, lbh;
+    uint64_t rng;                                    // the run's generator (checkpointed): dropout seeds
+    uint64_t head_seed;                              // the last training forward's head-dropout seed
     int adam_t;
+    int fault_nan_step;                              // PYRNN_FAULT_NAN_GRAD_STEP (train_gpu only)
     cudaStream_t stream;
     cudnnHandle_t dnn;
     cublasHandle_t blas;
@@ -234,6 +394,8 @@ typedef struct {
     // cuDNN
     cudnnRNNDescriptor_t rnn;
     cudnnDropoutDescriptor_t drop;
+    void* drop_states;                               // cuDNN's dropout generator (dropout > 0, L > 1)
+    size_t drop_states_bytes;
     cudnnRNNDataDescriptor_t xdesc, ydesc;
     cudnnTensorDescriptor_t hdesc;
     size_t ws_bytes, work_bytes, reserve_bytes;
@@ -244,9 +406,17 @@ typedef struct {
     int n_segs;
     size_t max_seg;
     int weights_dirty;                               // params changed since the last copy into ws
+    // tokens and the embedding gradient's order, staged in pinned memory and sent in one copy:
+    // inputs (bt), targets (bt), rows (bt), chunk_start (max_chunks + 1), token (V), token_chunk (V + 1)
+    int *host_tokens, *dev_tokens;
+    size_t token_ints, max_chunks;
+    int *inputs, *targets, *rows, *chunk_start, *token, *token_chunk;   // views into dev_tokens
+    int n_chunks, n_tokens;                          // of the last upload
+    int* counts;                                     // host scratch (V + 1)
+    float* chunk_sums;                               // (max_chunks, E)
     // activations, time-major
-    int *inputs, *targets;                           // (B, T) as given
-    float *x, *dx, *y, *dy, *logits, *dlogits, *row_loss, *ones;
+    float *x, *dx, *y, *dy, *head_in, *logits, *dlogits, *row_loss, *ones;
+    const float* head_x;                             // what the head read: y, or head_in after dropout
     float *h[2], *c[2];                              // carried state (h[cur]) and the next one
     int cur;
     float *eh[2], *ec[2];                            // eval's own states, so it never touches the carried one
@@ -258,23 +428,37 @@ typedef struct {
     const float *fwd_hx, *fwd_cx;
     float *fwd_hy, *fwd_cy;
     int fwd_ready;                                   // training forward with targets, not yet backpropagated
+    int fwd_dropped;                                 // and it applied dropout
 } GpuLM;
 
 static int is_lstm(const GpuLM* g) { return g->config.cell == CELL_LSTM; }
 
+// the recurrent part, which is set up once per algorithm tried
+static void gpu_rnn_release(GpuLM* g) {
+    void* bufs[] = { g->ws, g->dws, g->work, g->reserve, g->segs };
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) if (bufs[i]) cudaFree(bufs[i]);
+    g->ws = g->dws = NULL; g->work = g->reserve = NULL; g->segs = NULL;
+    g->ws_bytes = g->work_bytes = g->reserve_bytes = 0;
+    g->n_segs = 0;
+    if (g->rnn) cudnnDestroyRNNDescriptor(g->rnn);
+    g->rnn = NULL;
+}
+
 static void gpu_lm_destroy(GpuLM* g) {
     if (!g) return;
     if (g->stream) cudaStreamSynchronize(g->stream);
-    void* bufs[] = { g->params, g->grads, g->m, g->v, g->ws, g->dws, g->work, g->reserve, g->seq_lengths, g->segs,
-                     g->inputs, g->targets, g->x, g->dx, g->y, g->dy, g->logits, g->dlogits, g->row_loss, g->ones,
+    gpu_rnn_release(g);
+    void* bufs[] = { g->params, g->grads, g->m, g->v, g->seq_lengths, g->dev_tokens, g->chunk_sums, g->drop_states,
+                     g->x, g->dx, g->y, g->dy, g->head_in, g->logits, g->dlogits, g->row_loss, g->ones,
                      g->h[0], g->h[1], g->c[0], g->c[1], g->eh[0], g->eh[1], g->ec[0], g->ec[1],
                      g->dhx, g->dcx, g->zeros, g->norm_partials, g->scalars };
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) if (bufs[i]) cudaFree(bufs[i]);
     if (g->host_scalars) cudaFreeHost(g->host_scalars);
+    if (g->host_tokens) cudaFreeHost(g->host_tokens);
+    free(g->counts);
     if (g->xdesc) cudnnDestroyRNNDataDescriptor(g->xdesc);
     if (g->ydesc) cudnnDestroyRNNDataDescriptor(g->ydesc);
     if (g->hdesc) cudnnDestroyTensorDescriptor(g->hdesc);
-    if (g->rnn) cudnnDestroyRNNDescriptor(g->rnn);
     if (g->drop) cudnnDestroyDropoutDescriptor(g->drop);
     if (g->dnn) cudnnDestroy(g->dnn);
     if (g->blas) cublasDestroy(g->blas);
@@ -370,11 +554,123 @@ done:
     return rc;
 }
 
-static int gpu_lm_init(GpuLM* g, Config c, int B, int T, int tf32, int algo) {
+// the RNN descriptor for one algorithm, its weight space, temp spaces and weight map
+static int gpu_rnn_setup(GpuLM* g, int algo) {
+    const Config* c = &g->config;
+    int E = c->embed_size, H = c->hidden_size, L = c->n_layers;
+    g->algo = algo;
+    // torch semantics are cuDNN's with DOUBLE_BIAS, linear input, no projection (projSize must
+    // equal hiddenSize), padded IO for the unpacked (T, B, C) layout
+    cudnnRNNMode_t mode = c->cell == CELL_RNN ? CUDNN_RNN_TANH : c->cell == CELL_RNN_RELU ? CUDNN_RNN_RELU
+                        : c->cell == CELL_LSTM ? CUDNN_LSTM : CUDNN_GRU;
+    CUDNN_CHECK(cudnnCreateRNNDescriptor(&g->rnn));
+    CUDNN_CHECK(cudnnSetRNNDescriptor_v8(g->rnn, (cudnnRNNAlgo_t)algo, mode, CUDNN_RNN_DOUBLE_BIAS, CUDNN_UNIDIRECTIONAL,
+                                         CUDNN_LINEAR_INPUT, CUDNN_DATA_FLOAT, CUDNN_DATA_FLOAT,
+                                         g->tf32 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH, E, H, H, L, g->drop,
+                                         CUDNN_RNN_PADDED_IO_ENABLED));
+    size_t work_train = 0, work_infer = 0, reserve_infer = 0;
+    CUDNN_CHECK(cudnnGetRNNWeightSpaceSize(g->dnn, g->rnn, &g->ws_bytes));
+    CUDNN_CHECK(cudnnGetRNNTempSpaceSizes(g->dnn, g->rnn, CUDNN_FWD_MODE_TRAINING, g->xdesc, &work_train, &g->reserve_bytes));
+    CUDNN_CHECK(cudnnGetRNNTempSpaceSizes(g->dnn, g->rnn, CUDNN_FWD_MODE_INFERENCE, g->xdesc, &work_infer, &reserve_infer));
+    g->work_bytes = work_train > work_infer ? work_train : work_infer;
+    if (gpu_alloc(&g->ws, g->ws_bytes, "the cuDNN weight space") || gpu_alloc(&g->dws, g->ws_bytes, "the cuDNN weight gradient") ||
+        gpu_alloc(&g->work, g->work_bytes, "the cuDNN workspace") || gpu_alloc(&g->reserve, g->reserve_bytes, "the cuDNN reserve space"))
+        return -1;
+    CUDA_CHECK(cudaMemset(g->ws, 0, g->ws_bytes));
+    if (gpu_build_weight_map(g)) return -1;
+    g->weights_dirty = 1;
+    return 0;
+}
+
+// every cuDNN call a run makes (training forward, both backward passes, inference forward), once,
+// on zeros: some shapes are refused only when an algorithm's kernels are launched
+static int gpu_rnn_trial(GpuLM* g) {
+    size_t bt = (size_t)g->B * g->T;
+    int lstm = is_lstm(g);
+    const Config* c = &g->config;
+    CUDA_CHECK(cudaMemsetAsync(g->x, 0, bt * c->embed_size * 4, g->stream));
+    CUDA_CHECK(cudaMemsetAsync(g->dy, 0, bt * c->hidden_size * 4, g->stream));
+    const float* cz = lstm ? g->zeros : NULL;
+    float *cy = lstm ? g->c[1] : NULL, *dcx = lstm ? g->dcx : NULL;
+    CUDNN_CHECK(cudnnRNNForward(g->dnn, g->rnn, CUDNN_FWD_MODE_TRAINING, g->seq_lengths, g->xdesc, g->x, g->ydesc, g->y,
+                                g->hdesc, g->zeros, g->h[1], g->hdesc, cz, cy, g->ws_bytes, g->ws,
+                                g->work_bytes, g->work, g->reserve_bytes, g->reserve));
+    CUDNN_CHECK(cudnnRNNBackwardData_v8(g->dnn, g->rnn, g->seq_lengths, g->ydesc, g->y, g->dy, g->xdesc, g->dx,
+                                        g->hdesc, g->zeros, g->zeros, g->dhx, g->hdesc, cz, cz, dcx,
+                                        g->ws_bytes, g->ws, g->work_bytes, g->work, g->reserve_bytes, g->reserve));
+    CUDA_CHECK(cudaMemsetAsync(g->dws, 0, g->ws_bytes, g->stream));
+    CUDNN_CHECK(cudnnRNNBackwardWeights_v8(g->dnn, g->rnn, CUDNN_WGRAD_MODE_ADD, g->seq_lengths, g->xdesc, g->x,
+                                           g->hdesc, g->zeros, g->ydesc, g->y, g->ws_bytes, g->dws,
+                                           g->work_bytes, g->work, g->reserve_bytes, g->reserve));
+    CUDNN_CHECK(cudnnRNNForward(g->dnn, g->rnn, CUDNN_FWD_MODE_INFERENCE, g->seq_lengths, g->xdesc, g->x, g->ydesc, g->y,
+                                g->hdesc, g->zeros, g->h[1], g->hdesc, cz, cy, g->ws_bytes, g->ws,
+                                g->work_bytes, g->work, 0, NULL));
+    CUDA_CHECK(cudaStreamSynchronize(g->stream));
+    return 0;
+}
+
+// algo: a cudnnRNNAlgo_t, or GPU_ALGO_AUTO for the first of gpu_auto_algos that cuDNN runs. The
+// choice and its reason go into note.
+static int gpu_rnn_choose(GpuLM* g, int algo, char* note, size_t note_size) {
+    int candidates[4], n = 1;
+    char why[128], refused[512];
+    refused[0] = 0;
+    candidates[0] = algo;
+    if (algo == GPU_ALGO_AUTO) n = gpu_auto_algos(candidates, why, sizeof(why), &g->config, g->B);
+    for (int i = 0; i < n; i++) {
+        if (gpu_rnn_setup(g, candidates[i]) == 0 && gpu_rnn_trial(g) == 0) {
+            if (algo != GPU_ALGO_AUTO) snprintf(note, note_size, "%s (asked for)", gpu_algo_name(candidates[i]));
+            else snprintf(note, note_size, "%s (auto: %s%s%s)", gpu_algo_name(candidates[i]), why, refused[0] ? "; " : "", refused);
+            return 0;
+        }
+        if (cudaGetLastError() == cudaErrorIllegalAddress) return -1;   // the context is gone: nothing else will run
+        size_t len = strlen(refused);
+        snprintf(refused + len, sizeof(refused) - len, "%scuDNN refused %s: %.150s", len ? "; " : "",
+                 gpu_algo_name(candidates[i]), pyrnn_last_error());
+        gpu_rnn_release(g);
+    }
+    if (algo != GPU_ALGO_AUTO) {
+        gpu_algo_refused = 1;
+        const Config* c = &g->config;
+        return fail("cuDNN does not run the %s algorithm for this model (%s L=%d E=%d H=%d, B=%d T=%d): %s; "
+                    "--cudnn-algo auto picks one that runs", gpu_algo_name(algo), cell_names[c->cell], c->n_layers,
+                    c->embed_size, c->hidden_size, g->B, g->T, refused);
+    }
+    return fail("cuDNN runs no RNN algorithm for this model: %s", refused);
+}
+
+// the device, the libraries and the math, one line for the log
+static int gpu_describe(GpuLM* g, const char* algo_note) {
+    int dev = 0, runtime = 0, driver = 0, blas[3] = { 0, 0, 0 };
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+    CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
+    CUDA_CHECK(cudaDriverGetVersion(&driver));
+    CUBLAS_CHECK(cublasGetProperty(MAJOR_VERSION, &blas[0]));
+    CUBLAS_CHECK(cublasGetProperty(MINOR_VERSION, &blas[1]));
+    CUBLAS_CHECK(cublasGetProperty(PATCH_LEVEL, &blas[2]));
+    size_t dnn = cudnnGetVersion();
+    char release[64];
+    nvidia_driver_release(release, sizeof(release));
+    snprintf(g->about, sizeof(g->about),
+             "%s (sm_%d%d, %d SMs) | driver %s%sCUDA %d.%d | runtime %d.%d | cuDNN %zu.%zu.%zu | cuBLAS %d.%d.%d | "
+             "math %s | cuDNN RNN algorithm %s", prop.name, prop.major, prop.minor, prop.multiProcessorCount, release,
+             release[0] ? ", " : "", driver / 1000, driver % 1000 / 10, runtime / 1000, runtime % 1000 / 10,
+             dnn / 10000, dnn % 10000 / 100, dnn % 100, blas[0], blas[1], blas[2],
+             g->tf32 ? "tf32 (tensor cores)" : "fp32 (FMA, no TF32)", algo_note);
+    if (dnn / 10000 != CUDNN_MAJOR)
+        return fail("cuDNN %zu.%zu was loaded, this build needs cuDNN %d (check LD_LIBRARY_PATH, or rebuild)",
+                    dnn / 10000, dnn % 10000 / 100, CUDNN_MAJOR);
+    return 0;
+}
+
+static int gpu_lm_init(GpuLM* g, Config c, int B, int T, int tf32, int algo, float dropout) {
     if (config_check(&c)) return -1;
     if (B <= 0 || T <= 0) return fail("batch size and sequence length must be positive, got B=%d T=%d", B, T);
-    if ((long)B * T > INT32_MAX / 2) return fail("B*T = %ld is too large", (long)B * T);
-    g->config = c; g->B = B; g->T = T; g->tf32 = tf32;
+    if ((long)B * T > INT32_MAX / 4) return fail("B*T = %ld is too large", (long)B * T);
+    if (!(dropout >= 0.0f && dropout < 1.0f)) return fail("dropout must be in [0, 1), got %g", (double)dropout);
+    g->config = c; g->B = B; g->T = T; g->tf32 = tf32; g->dropout = dropout;
     g->G = cell_gates(c.cell);
     g->num_params = model_num_params(c);
     g->n_emb = (size_t)c.vocab_size * c.embed_size;
@@ -382,9 +678,7 @@ static int gpu_lm_init(GpuLM* g, Config c, int B, int T, int tf32, int algo) {
     int V = c.vocab_size, E = c.embed_size, H = c.hidden_size, L = c.n_layers;
     size_t P = g->num_params, bt = (size_t)B * T;
 
-    int n_dev = 0;   // first CUDA call: a machine without a usable GPU fails here, with a clear message
-    CUDA_CHECK(cudaGetDeviceCount(&n_dev));
-    if (n_dev < 1) return fail("no CUDA device found");
+    if (gpu_check_device()) return -1;   // the first CUDA call: a machine without a usable GPU stops here
     CUDA_CHECK(cudaStreamCreate(&g->stream));
     CUDNN_CHECK(cudnnCreate(&g->dnn));
     CUDNN_CHECK(cudnnSetStream(g->dnn, g->stream));
@@ -406,18 +700,39 @@ static int gpu_lm_init(GpuLM* g, Config c, int B, int T, int tf32, int algo) {
     model_tensor_info(&c, 2 + 4 * L, name, sizeof(name), &off, &numel);       // head.bias
     g->head_b = g->params + off; g->dhead_b = g->grads + off;
 
-    // the recurrent stack: torch semantics are cuDNN's with DOUBLE_BIAS, linear input, no projection
-    // (projSize must equal hiddenSize), padded IO for the unpacked (T, B, C) layout
-    cudnnRNNMode_t mode = c.cell == CELL_RNN ? CUDNN_RNN_TANH : c.cell == CELL_RNN_RELU ? CUDNN_RNN_RELU
-                        : c.cell == CELL_LSTM ? CUDNN_LSTM : CUDNN_GRU;
-    CUDNN_CHECK(cudnnCreateDropoutDescriptor(&g->drop));
-    CUDNN_CHECK(cudnnSetDropoutDescriptor(g->drop, g->dnn, 0.0f, NULL, 0, 0));   // no dropout, no RNG states
-    CUDNN_CHECK(cudnnCreateRNNDescriptor(&g->rnn));
-    CUDNN_CHECK(cudnnSetRNNDescriptor_v8(g->rnn, (cudnnRNNAlgo_t)algo, mode, CUDNN_RNN_DOUBLE_BIAS, CUDNN_UNIDIRECTIONAL,
-                                         CUDNN_LINEAR_INPUT, CUDNN_DATA_FLOAT, CUDNN_DATA_FLOAT,
-                                         tf32 ? CUDNN_DEFAULT_MATH : CUDNN_FMA_MATH, E, H, H, L, g->drop,
-                                         CUDNN_RNN_PADDED_IO_ENABLED));
-    if (algo == CUDNN_RNN_ALGO_PERSIST_DYNAMIC) CUDNN_CHECK(cudnnBuildRNNDynamic(g->dnn, g->rnn, B));
+    // tokens: a token's rows make at most rows / EMB_CHUNK + 1 chunks
+    g->max_chunks = bt / EMB_CHUNK + V + 1;
+    g->token_ints = 3 * bt + (g->max_chunks + 1) + V + (V + 1);
+    CUDA_CHECK(cudaMallocHost((void**)&g->host_tokens, g->token_ints * sizeof(int)));
+    g->counts = (int*)calloc(V + 1, sizeof(int));
+    if (!g->counts) return fail("out of memory");
+    if (gpu_alloc(&g->dev_tokens, g->token_ints * sizeof(int), "tokens") ||
+        gpu_alloc(&g->chunk_sums, g->max_chunks * E * 4, "embedding gradient sums")) return -1;
+    g->inputs = g->dev_tokens; g->targets = g->inputs + bt; g->rows = g->targets + bt;
+    g->chunk_start = g->rows + bt; g->token = g->chunk_start + g->max_chunks + 1; g->token_chunk = g->token + V;
+
+    // activations
+    size_t lbh = g->lbh;
+    if (gpu_alloc(&g->x, bt * E * 4, "embeddings") || gpu_alloc(&g->dx, bt * E * 4, "embedding gradients") ||
+        gpu_alloc(&g->y, bt * H * 4, "RNN outputs") || gpu_alloc(&g->dy, bt * H * 4, "RNN output gradients") ||
+        (dropout > 0.0f && gpu_alloc(&g->head_in, bt * H * 4, "the head's dropped input")) ||
+        gpu_alloc(&g->logits, bt * V * 4, "logits") || gpu_alloc(&g->dlogits, bt * V * 4, "logit gradients") ||
+        gpu_alloc(&g->row_loss, bt * 4, "row losses") || gpu_alloc(&g->ones, bt * 4, "ones") ||
+        gpu_alloc(&g->h[0], lbh * 4, "hidden state") || gpu_alloc(&g->h[1], lbh * 4, "hidden state") ||
+        gpu_alloc(&g->c[0], lbh * 4, "cell state") || gpu_alloc(&g->c[1], lbh * 4, "cell state") ||
+        gpu_alloc(&g->eh[0], lbh * 4, "eval state") || gpu_alloc(&g->eh[1], lbh * 4, "eval state") ||
+        gpu_alloc(&g->ec[0], lbh * 4, "eval state") || gpu_alloc(&g->ec[1], lbh * 4, "eval state") ||
+        gpu_alloc(&g->dhx, lbh * 4, "state gradients") || gpu_alloc(&g->dcx, lbh * 4, "state gradients") ||
+        gpu_alloc(&g->zeros, lbh * 4, "zeros") || gpu_alloc(&g->norm_partials, NORM_BLOCKS * sizeof(double), "norm partials") ||
+        gpu_alloc(&g->scalars, 4 * sizeof(float), "scalars"))
+        return -1;
+    float* zero_bufs[] = { g->h[0], g->h[1], g->c[0], g->c[1], g->eh[0], g->eh[1], g->ec[0], g->ec[1], g->dhx, g->dcx, g->zeros };
+    for (size_t i = 0; i < sizeof(zero_bufs) / sizeof(zero_bufs[0]); i++) CUDA_CHECK(cudaMemset(zero_bufs[i], 0, lbh * 4));
+    CUDA_CHECK(cudaMemset(g->scalars, 0, 4 * sizeof(float)));
+    CUDA_CHECK(cudaMemset(g->row_loss, 0, bt * 4));
+    fill_kernel<<<blocks_for(bt, 1024), 256, 0, g->stream>>>(g->ones, 1.0f, bt);
+    LAUNCH_CHECK("fill_kernel");
+    CUDA_CHECK(cudaMallocHost((void**)&g->host_scalars, 4 * sizeof(float)));
 
     // x (T, B, E) and y (T, B, H), every sequence full length; cuDNN wants the lengths on the device too
     int* lengths = (int*)malloc(B * sizeof(int));
@@ -440,49 +755,27 @@ static int gpu_lm_init(GpuLM* g, Config c, int B, int T, int tf32, int algo) {
     CUDNN_CHECK(cudnnCreateTensorDescriptor(&g->hdesc));
     CUDNN_CHECK(cudnnSetTensorNdDescriptor(g->hdesc, CUDNN_DATA_FLOAT, 3, hdims, hstrides));
 
-    // weight space, its gradient, and the temp spaces: sized once for this (B, T)
-    size_t work_train = 0, work_infer = 0, reserve_infer = 0;
-    CUDNN_CHECK(cudnnGetRNNWeightSpaceSize(g->dnn, g->rnn, &g->ws_bytes));
-    CUDNN_CHECK(cudnnGetRNNTempSpaceSizes(g->dnn, g->rnn, CUDNN_FWD_MODE_TRAINING, g->xdesc, &work_train, &g->reserve_bytes));
-    CUDNN_CHECK(cudnnGetRNNTempSpaceSizes(g->dnn, g->rnn, CUDNN_FWD_MODE_INFERENCE, g->xdesc, &work_infer, &reserve_infer));
-    g->work_bytes = work_train > work_infer ? work_train : work_infer;
-    if (gpu_alloc(&g->ws, g->ws_bytes, "the cuDNN weight space") || gpu_alloc(&g->dws, g->ws_bytes, "the cuDNN weight gradient") ||
-        gpu_alloc(&g->work, g->work_bytes, "the cuDNN workspace") || gpu_alloc(&g->reserve, g->reserve_bytes, "the cuDNN reserve space"))
-        return -1;
-    CUDA_CHECK(cudaMemset(g->ws, 0, g->ws_bytes));
-    if (gpu_build_weight_map(g)) return -1;
-    g->weights_dirty = 1;
+    // dropout between layers: cuDNN's generator states, seeded again when rng arrives (set_params)
+    CUDNN_CHECK(cudnnCreateDropoutDescriptor(&g->drop));
+    if (dropout > 0.0f && L > 1) {
+        CUDNN_CHECK(cudnnDropoutGetStatesSize(g->dnn, &g->drop_states_bytes));
+        if (gpu_alloc(&g->drop_states, g->drop_states_bytes, "cuDNN dropout states")) return -1;
+        CUDNN_CHECK(cudnnSetDropoutDescriptor(g->drop, g->dnn, dropout, g->drop_states, g->drop_states_bytes, 0));
+    } else {
+        CUDNN_CHECK(cudnnSetDropoutDescriptor(g->drop, g->dnn, 0.0f, NULL, 0, 0));
+    }
 
-    // activations
-    size_t lbh = g->lbh;
-    if (gpu_alloc(&g->inputs, bt * sizeof(int), "inputs") || gpu_alloc(&g->targets, bt * sizeof(int), "targets") ||
-        gpu_alloc(&g->x, bt * E * 4, "embeddings") || gpu_alloc(&g->dx, bt * E * 4, "embedding gradients") ||
-        gpu_alloc(&g->y, bt * H * 4, "RNN outputs") || gpu_alloc(&g->dy, bt * H * 4, "RNN output gradients") ||
-        gpu_alloc(&g->logits, bt * V * 4, "logits") || gpu_alloc(&g->dlogits, bt * V * 4, "logit gradients") ||
-        gpu_alloc(&g->row_loss, bt * 4, "row losses") || gpu_alloc(&g->ones, bt * 4, "ones") ||
-        gpu_alloc(&g->h[0], lbh * 4, "hidden state") || gpu_alloc(&g->h[1], lbh * 4, "hidden state") ||
-        gpu_alloc(&g->c[0], lbh * 4, "cell state") || gpu_alloc(&g->c[1], lbh * 4, "cell state") ||
-        gpu_alloc(&g->eh[0], lbh * 4, "eval state") || gpu_alloc(&g->eh[1], lbh * 4, "eval state") ||
-        gpu_alloc(&g->ec[0], lbh * 4, "eval state") || gpu_alloc(&g->ec[1], lbh * 4, "eval state") ||
-        gpu_alloc(&g->dhx, lbh * 4, "state gradients") || gpu_alloc(&g->dcx, lbh * 4, "state gradients") ||
-        gpu_alloc(&g->zeros, lbh * 4, "zeros") || gpu_alloc(&g->norm_partials, NORM_BLOCKS * sizeof(double), "norm partials") ||
-        gpu_alloc(&g->scalars, 4 * sizeof(float), "scalars"))
-        return -1;
-    float* zero_bufs[] = { g->h[0], g->h[1], g->c[0], g->c[1], g->eh[0], g->eh[1], g->ec[0], g->ec[1], g->dhx, g->dcx, g->zeros };
-    for (size_t i = 0; i < sizeof(zero_bufs) / sizeof(zero_bufs[0]); i++) CUDA_CHECK(cudaMemset(zero_bufs[i], 0, lbh * 4));
-    CUDA_CHECK(cudaMemset(g->scalars, 0, 4 * sizeof(float)));
-    CUDA_CHECK(cudaMemset(g->row_loss, 0, bt * 4));
-    fill_kernel<<<(unsigned)((bt + 255) / 256 < 1024 ? (bt + 255) / 256 : 1024), 256, 0, g->stream>>>(g->ones, 1.0f, bt);
-    LAUNCH_CHECK("fill_kernel");
-    CUDA_CHECK(cudaMallocHost((void**)&g->host_scalars, 4 * sizeof(float)));
+    char algo_note[640];
+    if (gpu_rnn_choose(g, algo, algo_note, sizeof(algo_note))) return -1;
+    if (gpu_describe(g, algo_note)) return -1;
     CUDA_CHECK(cudaStreamSynchronize(g->stream));
     return 0;
 }
 
-static GpuLM* gpu_lm_create(Config c, int B, int T, int tf32, int algo) {
+static GpuLM* gpu_lm_create(Config c, int B, int T, int tf32, int algo, float dropout) {
     GpuLM* g = (GpuLM*)calloc(1, sizeof(GpuLM));
     if (!g) { fail("out of memory"); return NULL; }
-    if (gpu_lm_init(g, c, B, T, tf32, algo)) { gpu_lm_destroy(g); return NULL; }
+    if (gpu_lm_init(g, c, B, T, tf32, algo, dropout)) { gpu_lm_destroy(g); return NULL; }
     return g;
 }
 
@@ -507,19 +800,43 @@ static int gpu_set_lbh(GpuLM* g, float* dst, const float* src) {
     return 0;
 }
 
-// token ids are checked on the host: a bad one would read outside the embedding table
+// Token ids are checked here: a bad one would read outside the embedding table. The staging
+// buffer is pinned, so the copy is truly asynchronous; every caller has waited on the stream since
+// the last copy out of it (a step ends by reading the loss). With the tokens goes the embedding
+// gradient's order: each token's rows (t*B + b), in row order, cut into chunks of EMB_CHUNK.
 static int gpu_upload_tokens(GpuLM* g, const int* inputs, const int* targets) {
-    size_t bt = (size_t)g->B * g->T;
-    int V = g->config.vocab_size;
+    int B = g->B, T = g->T, V = g->config.vocab_size;
+    size_t bt = (size_t)B * T;
     for (size_t i = 0; i < bt; i++) {
         if (inputs[i] < 0 || inputs[i] >= V)
             return fail("input token %d at position %zu is outside the vocabulary [0, %d)", inputs[i], i, V);
         if (targets && (targets[i] < 0 || targets[i] >= V))
             return fail("target token %d at position %zu is outside the vocabulary [0, %d)", targets[i], i, V);
     }
-    if (gpu_upload(g->inputs, inputs, bt * sizeof(int), g)) return -1;
-    if (targets && gpu_upload(g->targets, targets, bt * sizeof(int), g)) return -1;
-    return 0;
+    int *h_inputs = g->host_tokens, *h_targets = h_inputs + bt, *rows = h_targets + bt;
+    int *chunk_start = rows + bt, *token = chunk_start + g->max_chunks + 1, *token_chunk = token + V;
+    memcpy(h_inputs, inputs, bt * sizeof(int));
+    if (targets) memcpy(h_targets, targets, bt * sizeof(int));
+    int* next = g->counts;   // counting sort: next[v] = where token v's next row goes
+    memset(next, 0, (V + 1) * sizeof(int));
+    for (size_t i = 0; i < bt; i++) next[inputs[i] + 1]++;
+    for (int v = 0; v < V; v++) next[v + 1] += next[v];
+    int n_chunks = 0, n_tokens = 0;
+    for (int v = 0; v < V; v++) {
+        if (next[v + 1] == next[v]) continue;
+        token[n_tokens] = v;
+        token_chunk[n_tokens++] = n_chunks;
+        for (int r = next[v]; r < next[v + 1]; r += EMB_CHUNK) chunk_start[n_chunks++] = r;
+    }
+    chunk_start[n_chunks] = (int)bt;
+    token_chunk[n_tokens] = n_chunks;
+    for (size_t r = 0; r < bt; r++) {   // rows in increasing order within each token
+        int v = inputs[(r % B) * T + r / B];
+        rows[next[v]++] = (int)r;
+    }
+    g->n_chunks = n_chunks;
+    g->n_tokens = n_tokens;
+    return gpu_upload(g->dev_tokens, g->host_tokens, g->token_ints * sizeof(int), g);
 }
 
 // ---- forward / backward
@@ -535,9 +852,9 @@ static int gpu_sync_weights(GpuLM* g) {
 }
 
 // Tokens already on the device. Runs embedding -> cuDNN stack (from hx, cx; final state to hy, cy)
-// -> head -> bias + softmax cross-entropy (+ dlogits when training with targets). The loss, if
-// any, is left in scalars[0]. training selects CUDNN_FWD_MODE_TRAINING, which fills the reserve
-// space that the backward pass reads.
+// -> dropout (training) -> head -> bias + softmax cross-entropy (+ dlogits when training with
+// targets). The loss, if any, is left in scalars[0]. training selects CUDNN_FWD_MODE_TRAINING,
+// which fills the reserve space that the backward pass reads, and applies dropout.
 static int gpu_forward(GpuLM* g, int training, int has_targets, const float* hx, const float* cx, float* hy, float* cy) {
     const Config* c = &g->config;
     int B = g->B, T = g->T, V = c->vocab_size, E = c->embed_size, H = c->hidden_size;
@@ -550,9 +867,18 @@ static int gpu_forward(GpuLM* g, int training, int has_targets, const float* hx,
                                 g->seq_lengths, g->xdesc, g->x, g->ydesc, g->y, g->hdesc, hx, hy,
                                 g->hdesc, lstm ? cx : NULL, lstm ? cy : NULL, g->ws_bytes, g->ws,
                                 g->work_bytes, g->work, training ? g->reserve_bytes : 0, training ? g->reserve : NULL));
-    // logits (T*B, V) = y (T*B, H) W^T; row-major on our side is column-major transposed on cuBLAS's
+    g->fwd_dropped = training && g->dropout > 0.0f;
+    g->head_x = g->y;
+    if (g->fwd_dropped) {
+        g->head_seed = split_next(&g->rng);
+        dropout_kernel<<<blocks_for((size_t)bt * H, 4096), 256, 0, g->stream>>>(
+            g->head_in, g->y, (size_t)bt * H, g->dropout, 1.0f / (1.0f - g->dropout), g->head_seed);
+        LAUNCH_CHECK("dropout_kernel");
+        g->head_x = g->head_in;
+    }
+    // logits (T*B, V) = head_x (T*B, H) W^T; row-major on our side is column-major transposed on cuBLAS's
     const float one = 1.0f, zero = 0.0f;
-    CUBLAS_CHECK(cublasSgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, V, bt, H, &one, g->head_w, H, g->y, H, &zero, g->logits, V));
+    CUBLAS_CHECK(cublasSgemm(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, V, bt, H, &one, g->head_w, H, g->head_x, H, &zero, g->logits, V));
     float* dlogits = training && has_targets ? g->dlogits : NULL;
     softmax_xent_kernel<<<(bt + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK, ROWS_PER_BLOCK * WARP, 0, g->stream>>>(
         g->logits, dlogits, g->row_loss, g->head_b, has_targets ? g->targets : NULL, B, T, V, 1.0f / (float)bt);
@@ -566,9 +892,9 @@ static int gpu_forward(GpuLM* g, int training, int has_targets, const float* hx,
     return 0;
 }
 
-// d(mean loss) back through the head, cuDNN (data, then weights) and the embedding; gradients
-// accumulate into g->grads; dL/dh0, dL/dc0 land in dhx, dcx. The gradient of the final state is
-// zero (truncated BPTT: nothing downstream of this batch).
+// d(mean loss) back through the head, the dropout, cuDNN (data, then weights) and the embedding;
+// gradients accumulate into g->grads; dL/dh0, dL/dc0 land in dhx, dcx. The gradient of the final
+// state is zero (truncated BPTT: nothing downstream of this batch).
 static int gpu_backward(GpuLM* g) {
     if (!g->fwd_ready) return fail("backward needs a training forward pass with targets first");
     g->fwd_ready = 0;   // the reserve space is spent
@@ -576,10 +902,15 @@ static int gpu_backward(GpuLM* g) {
     int B = g->B, T = g->T, V = c->vocab_size, E = c->embed_size, H = c->hidden_size;
     int bt = B * T, lstm = is_lstm(g);
     const float one = 1.0f, zero = 0.0f;
-    // head: dW (V, H) += dlogits^T y; db += column sums of dlogits; dy (T*B, H) = dlogits W
-    CUBLAS_CHECK(cublasSgemm(g->blas, CUBLAS_OP_N, CUBLAS_OP_T, H, V, bt, &one, g->y, H, g->dlogits, V, &one, g->dhead_w, H));
+    // head: dW (V, H) += dlogits^T head_x; db += column sums of dlogits; dy (T*B, H) = dlogits W
+    CUBLAS_CHECK(cublasSgemm(g->blas, CUBLAS_OP_N, CUBLAS_OP_T, H, V, bt, &one, g->head_x, H, g->dlogits, V, &one, g->dhead_w, H));
     CUBLAS_CHECK(cublasSgemv(g->blas, CUBLAS_OP_N, V, bt, &one, g->dlogits, V, g->ones, 1, &one, g->dhead_b, 1));
     CUBLAS_CHECK(cublasSgemm(g->blas, CUBLAS_OP_N, CUBLAS_OP_N, H, bt, V, &one, g->head_w, H, g->dlogits, V, &zero, g->dy, H));
+    if (g->fwd_dropped) {   // the forward's mask again, from its seed
+        dropout_kernel<<<blocks_for((size_t)bt * H, 4096), 256, 0, g->stream>>>(
+            g->dy, g->dy, (size_t)bt * H, g->dropout, 1.0f / (1.0f - g->dropout), g->head_seed);
+        LAUNCH_CHECK("dropout_kernel");
+    }
     // cuDNN: data first (it leaves what the weight pass needs in the reserve space), then weights
     CUDNN_CHECK(cudnnRNNBackwardData_v8(g->dnn, g->rnn, g->seq_lengths, g->ydesc, g->y, g->dy, g->xdesc, g->dx,
                                         g->hdesc, g->fwd_hx, g->zeros, g->dhx,
@@ -593,8 +924,10 @@ static int gpu_backward(GpuLM* g) {
     dim3 grid((unsigned)(blocks < 1 ? 1 : blocks > 128 ? 128 : blocks), (unsigned)g->n_segs);
     segments_add_kernel<<<grid, 256, 0, g->stream>>>(g->grads, g->dws, g->segs);
     LAUNCH_CHECK("segments_add_kernel");
-    embedding_backward_kernel<<<bt, threads_for(E), 0, g->stream>>>(g->grads, g->dx, g->inputs, B, T, E);
-    LAUNCH_CHECK("embedding_backward_kernel");
+    embedding_chunk_sums_kernel<<<g->n_chunks, threads_for(E), 0, g->stream>>>(g->chunk_sums, g->dx, g->rows, g->chunk_start, E);
+    LAUNCH_CHECK("embedding_chunk_sums_kernel");
+    embedding_add_kernel<<<g->n_tokens, threads_for(E), 0, g->stream>>>(g->grads, g->chunk_sums, g->token, g->token_chunk, E);
+    LAUNCH_CHECK("embedding_add_kernel");
     return 0;
 }
 
@@ -615,8 +948,7 @@ static int gpu_step(GpuLM* g, float lr, float beta1, float beta2, float eps, flo
     int t = g->adam_t + 1;
     float bc1 = 1.0f - powf(beta1, (float)t);
     float bc2_sqrt = sqrtf(1.0f - powf(beta2, (float)t));
-    size_t blocks = (P + 255) / 256;
-    adamw_kernel<<<(unsigned)(blocks > 4096 ? 4096 : blocks), 256, 0, g->stream>>>(
+    adamw_kernel<<<blocks_for(P, 4096), 256, 0, g->stream>>>(
         g->params, g->m, g->v, g->grads, P, g->scalars, beta1, beta2, eps, 1.0f - lr * weight_decay, lr / bc1, bc2_sqrt);
     LAUNCH_CHECK("adamw_kernel");
     g->weights_dirty = 1;
@@ -626,6 +958,32 @@ static int gpu_step(GpuLM* g, float lr, float beta1, float beta2, float eps, flo
 // after gpu_step, scalars copied to host_scalars: count the step if it was taken
 static void gpu_step_done(GpuLM* g) {
     if (g->host_scalars[3] != 0.0f) g->adam_t++;
+}
+
+// One training step from the carried state: forward, backward, clip + AdamW; the final state
+// becomes the carried one. The host waits once, for the loss and the norm. PYRNN_FAULT_NAN_GRAD_STEP
+// (fault_nan_step) poisons one gradient element of that optimizer step, as the CPU backend does.
+static int gpu_poison_grad(GpuLM* g) {
+    if (g->fault_nan_step <= 0 || g->adam_t + 1 != g->fault_nan_step) return 0;
+    fill_kernel<<<1, WARP, 0, g->stream>>>(g->grads, NAN, 1);
+    LAUNCH_CHECK("fill_kernel");
+    g->fault_nan_step = 0;
+    return 0;
+}
+
+static int gpu_train_step(GpuLM* g, float* loss, float* grad_norm, const int* inputs, const int* targets, const StepParams* sp) {
+    int cur = g->cur, nxt = 1 - cur;
+    int status = gpu_upload_tokens(g, inputs, targets) || gpu_forward(g, 1, 1, g->h[cur], g->c[cur], g->h[nxt], g->c[nxt]) ||
+                 gpu_zero_grad(g) || gpu_backward(g) || gpu_poison_grad(g) ? -1 : 0;
+    // every rank reaches this, failed or not: the loss and gradients become means over all ranks
+    if (nccl_step_mean(status, g->scalars, g->grads, g->num_params, g->stream)) return -1;
+    if (gpu_step(g, sp->lr, sp->beta1, sp->beta2, sp->eps, sp->weight_decay, sp->max_grad_norm)) return -1;
+    if (gpu_download(g->host_scalars, g->scalars, 4 * sizeof(float), g)) return -1;
+    gpu_step_done(g);
+    g->cur = nxt;
+    if (loss) *loss = g->host_scalars[0];
+    if (grad_norm) *grad_norm = g->host_scalars[1];
+    return 0;
 }
 
 static int gpu_set_params(GpuLM* g, const float* params, const float* m, const float* v, int adam_t) {
@@ -644,26 +1002,42 @@ static int gpu_set_params(GpuLM* g, const float* params, const float* m, const f
 
 #if !defined(PYRNN_CUDA_LIB) && !defined(PYRNN_CUDA_NO_MAIN)
 
-static int gpu_math_tf32 = 0;                        // --math tf32
-static int gpu_rnn_algo = CUDNN_RNN_ALGO_STANDARD;   // --cudnn-algo
+static int gpu_math_tf32 = 0;                // --math tf32
+static int gpu_rnn_algo = GPU_ALGO_AUTO;     // --cudnn-algo, else $PYRNN_CUDNN_ALGO, else auto
 
 static void* gb_create(Config c, int B, int T, float dropout) {
-    if (dropout > 0.0f) {
-        fail("the GPU trainer does not implement dropout (asked for %g): train with dropout 0, or on the CPU", (double)dropout);
-        return NULL;
-    }
-    GpuLM* g = gpu_lm_create(c, B, T, gpu_math_tf32, gpu_rnn_algo);
+    if (nccl_init()) return NULL;   // this rank's GPU, before anything is allocated on one
+    GpuLM* g = gpu_lm_create(c, B, T, gpu_math_tf32, gpu_rnn_algo, dropout);
+    if (!g) return NULL;
+    printf("gpu: %s\n", g->about);
+    const char* fault = getenv("PYRNN_FAULT_NAN_GRAD_STEP");   // test hook, as in cpu_create
+    g->fault_nan_step = fault ? atoi(fault) : 0;
     return g;
 }
 
-static void gb_destroy(void* self) { gpu_lm_destroy((GpuLM*)self); }
+static void gb_destroy(void* self) {
+    gpu_lm_destroy((GpuLM*)self);
+    nccl_free();
+}
 
+// cuDNN's dropout generator, seeded from the run's generator (no effect without dropout states)
+static int gpu_seed_dropout(GpuLM* g) {
+    if (!g->drop_states) return 0;
+    CUDNN_CHECK(cudnnSetDropoutDescriptor(g->drop, g->dnn, g->dropout, g->drop_states, g->drop_states_bytes,
+                                          (unsigned long long)mix64(g->rng ^ 0xD1B54A32D192ED03ull)));
+    return 0;
+}
+
+// the run's generator arrives here (fresh: from the seed; resumed: from the checkpoint)
 static int gb_set_params(void* self, const float* params, const float* m, const float* v, int adam_t, uint64_t rng) {
     GpuLM* g = (GpuLM*)self;
     g->rng = rng;
+    if (gpu_seed_dropout(g)) return -1;
     return gpu_set_params(g, params, m, v, adam_t);
 }
 
+// asked for rng (a checkpoint is being written): cuDNN's dropout generator restarts from it here,
+// as it will in a run resumed from that checkpoint
 static int gb_get_params(void* self, float* params, float* m, float* v, int* adam_t, uint64_t* rng) {
     GpuLM* g = (GpuLM*)self;
     size_t bytes = g->num_params * 4;
@@ -671,7 +1045,10 @@ static int gb_get_params(void* self, float* params, float* m, float* v, int* ada
     if (m && gpu_download(m, g->m, bytes, g)) return -1;
     if (v && gpu_download(v, g->v, bytes, g)) return -1;
     if (adam_t) *adam_t = g->adam_t;
-    if (rng) *rng = g->rng;
+    if (rng) {
+        *rng = g->rng;
+        if (gpu_seed_dropout(g)) return -1;
+    }
     return 0;
 }
 
@@ -690,20 +1067,8 @@ static int gb_get_state(void* self, float* h, float* c) {
     return 0;
 }
 
-// forward from the carried state, backward, clip + AdamW; the final state becomes the carried one
 static int gb_train_step(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets, const StepParams* sp) {
-    GpuLM* g = (GpuLM*)self;
-    int cur = g->cur, nxt = 1 - cur;
-    if (gpu_upload_tokens(g, inputs, targets)) return -1;
-    if (gpu_forward(g, 1, 1, g->h[cur], g->c[cur], g->h[nxt], g->c[nxt])) return -1;
-    if (gpu_zero_grad(g) || gpu_backward(g)) return -1;
-    if (gpu_step(g, sp->lr, sp->beta1, sp->beta2, sp->eps, sp->weight_decay, sp->max_grad_norm)) return -1;
-    if (gpu_download(g->host_scalars, g->scalars, 4 * sizeof(float), g)) return -1;
-    gpu_step_done(g);
-    g->cur = nxt;
-    if (loss) *loss = g->host_scalars[0];
-    if (grad_norm) *grad_norm = g->host_scalars[1];
-    return 0;
+    return gpu_train_step((GpuLM*)self, loss, grad_norm, inputs, targets, sp);
 }
 
 // forward only (inference mode, no dropout) from the host's h, c, which receive the final state
@@ -727,7 +1092,10 @@ static const Backend gpu_backend = {
 
 // our own flags (--math, --cudnn-algo) are taken out of argv; the rest goes to the shared driver
 int main(int argc, char** argv) {
-    static const char* algos[] = { "standard", "static", "dynamic", "small_h" };   // cudnnRNNAlgo_t order
+    if (gpu_algo_parse(&gpu_rnn_algo, getenv("PYRNN_CUDNN_ALGO"))) {
+        fprintf(stderr, "error: PYRNN_CUDNN_ALGO: %s\n", pyrnn_last_error());
+        return 2;
+    }
     int n = 1;
     for (int i = 1; i < argc; i++) {
         const char* a = argv[i];
@@ -743,11 +1111,9 @@ int main(int argc, char** argv) {
             if (strcmp(val, "fp32") == 0) gpu_math_tf32 = 0;
             else if (strcmp(val, "tf32") == 0) gpu_math_tf32 = 1;
             else { fprintf(stderr, "error: --math must be fp32 or tf32, got '%s'\n", val); return 2; }
-        } else {
-            int found = -1;
-            for (int k = 0; k < 4; k++) if (strcmp(val, algos[k]) == 0) found = k;
-            if (found < 0) { fprintf(stderr, "error: --cudnn-algo must be standard, static, small_h or dynamic, got '%s'\n", val); return 2; }
-            gpu_rnn_algo = found;
+        } else if (!*val || gpu_algo_parse(&gpu_rnn_algo, val)) {
+            fprintf(stderr, "error: --cudnn-algo must be auto, standard, persist_static or persist_small_h, got '%s'\n", val);
+            return 2;
         }
     }
     argv[n] = NULL;
@@ -755,8 +1121,10 @@ int main(int argc, char** argv) {
         if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
             printf("GPU flags (before or among the others):\n"
                    "  --math fp32|tf32       fp32: exact (cuDNN FMA math, no TF32); tf32: tensor cores (default fp32)\n"
-                   "  --cudnn-algo standard|static|small_h|dynamic   cuDNN RNN algorithm (default standard)\n"
-                   "dropout (-p) is not implemented on the GPU\n");
+                   "  --cudnn-algo auto|standard|persist_static|persist_small_h\n"
+                   "                         cuDNN RNN algorithm (default auto, or $PYRNN_CUDNN_ALGO): auto takes\n"
+                   "                         persist_small_h for small H, persist_static where the shape suits it,\n"
+                   "                         else standard, the first that cuDNN runs; the choice is printed\n");
             break;
         }
     return train_main(n, argv, &gpu_backend);
@@ -769,20 +1137,26 @@ int main(int argc, char** argv) {
 
 extern "C" {
 
-// cell 0..3 as in docs/formats.md; tf32 0 = exact fp32 (FMA) math. Env PYRNN_CUDNN_ALGO=0..3 picks
-// the cuDNN algorithm (default 0, STANDARD). NULL on error (see gpu_last_error).
-void* gpu_lm_new(int cell, int V, int E, int H, int L, int B, int T, int tf32) {
+// cell 0..3 as in docs/formats.md; tf32 0 = exact fp32 (FMA) math; algo "auto", "standard",
+// "persist_static" or "persist_small_h" (NULL or "": $PYRNN_CUDNN_ALGO, else auto). No dropout.
+// NULL on error (see gpu_last_error).
+void* gpu_lm_new(int cell, int V, int E, int H, int L, int B, int T, int tf32, const char* algo) {
     Config c;
     c.cell = cell; c.vocab_size = V; c.embed_size = E; c.hidden_size = H; c.n_layers = L;
-    const char* env = getenv("PYRNN_CUDNN_ALGO");
-    int algo = env && *env ? atoi(env) : CUDNN_RNN_ALGO_STANDARD;
-    if (algo < 0 || algo > 3) { fail("PYRNN_CUDNN_ALGO must be 0..3, got '%s'", env); return NULL; }
-    return gpu_lm_create(c, B, T, tf32 != 0, algo);
+    int a = GPU_ALGO_AUTO;
+    if (gpu_algo_parse(&a, algo && *algo ? algo : getenv("PYRNN_CUDNN_ALGO"))) return NULL;
+    return gpu_lm_create(c, B, T, tf32 != 0, a, 0.0f);
 }
 
 void gpu_lm_free(void* self) { gpu_lm_destroy((GpuLM*)self); }
 
 const char* gpu_last_error(void) { return pyrnn_last_error(); }
+
+// one line: device, driver, libraries, math, the cuDNN algorithm and why it was chosen
+const char* gpu_lm_about(void* self) { return ((GpuLM*)self)->about; }
+
+// the cuDNN RNN algorithm in use, by name
+const char* gpu_lm_algo(void* self) { return gpu_algo_name(((GpuLM*)self)->algo); }
 
 // params (P,) in torch state_dict order; also resets the AdamW state
 int gpu_lm_set_params(void* self, const float* params) { return gpu_set_params((GpuLM*)self, params, NULL, NULL, 0); }
@@ -799,13 +1173,14 @@ int gpu_lm_get_grads(void* self, float* grads) {
 
 // training-mode forward of inputs (B, T) from h0 / c0 (L, B, H; NULL = zeros). With targets
 // (B, T) it also writes the mean loss and readies backward; targets may be NULL (logits only).
+// The final state becomes the carried state of gpu_lm_train_step.
 int gpu_lm_forward(void* self, float* loss, const int* inputs, const int* targets, const float* h0, const float* c0) {
     GpuLM* g = (GpuLM*)self;
     if (gpu_upload_tokens(g, inputs, targets)) return -1;
     if (gpu_set_lbh(g, g->h[0], h0)) return -1;
     if (is_lstm(g) && gpu_set_lbh(g, g->c[0], c0)) return -1;
-    g->cur = 0;
     if (gpu_forward(g, 1, targets != NULL, g->h[0], g->c[0], g->h[1], g->c[1])) return -1;
+    g->cur = 1;
     if (gpu_download(g->host_scalars, g->scalars, sizeof(float), g)) return -1;
     if (loss) *loss = targets ? g->host_scalars[0] : 0.0f;
     return 0;
@@ -853,6 +1228,14 @@ int gpu_lm_step(void* self, float* grad_norm, float lr, float beta1, float beta2
     gpu_step_done(g);
     if (grad_norm) *grad_norm = g->host_scalars[1];
     return 0;
+}
+
+// train_gpu's step: forward from the carried state (zeros at first, or what the last forward
+// ended in), zero grads, backward, clip + AdamW, one wait; loss and grad_norm as the two above
+int gpu_lm_train_step(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets, float lr,
+                      float beta1, float beta2, float eps, float weight_decay, float max_norm) {
+    StepParams sp = { lr, beta1, beta2, eps, weight_decay, max_norm };
+    return gpu_train_step((GpuLM*)self, loss, grad_norm, inputs, targets, &sp);
 }
 
 }  // extern "C"

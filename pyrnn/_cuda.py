@@ -6,6 +6,11 @@ cffi's ABI mode: no compiler needed at import time, only the library.
     m.set_params(flat)                       # float32 (P,), torch state_dict order
     loss = m.forward(inputs, targets, h0, c0)  # tokens (B, T); h0 / c0 (L, B, H) or None
     m.zero_grad(); m.backward(); norm = m.step(lr=2e-3, max_norm=1.0)
+    loss, norm = m.train_step(inputs, targets, lr=2e-3, max_norm=1.0)   # train_gpu's step, one wait
+    m.about                                  # device, driver, libraries, math, cuDNN algorithm and why
+
+algo picks cuDNN's RNN algorithm: 'auto' (default, or $PYRNN_CUDNN_ALGO), 'standard',
+'persist_static' or 'persist_small_h' (see cuda/train_rnn.cu); m.algo is the one in use.
 
 `ffi` and `lib` are the raw binding (the functions of the extern "C" block in cuda/train_rnn.cu);
 GpuLM wraps them for NumPy arrays. The library is <repo>/lib/libpyrnn_cuda.so, or the file named
@@ -19,9 +24,11 @@ from cffi import FFI
 from .oracle import CELLS, lm_param_shapes
 
 CDEF = """
-void* gpu_lm_new(int cell, int V, int E, int H, int L, int B, int T, int tf32);
+void* gpu_lm_new(int cell, int V, int E, int H, int L, int B, int T, int tf32, const char* algo);
 void gpu_lm_free(void* self);
 const char* gpu_last_error(void);
+const char* gpu_lm_about(void* self);
+const char* gpu_lm_algo(void* self);
 int gpu_lm_set_params(void* self, const float* params);
 int gpu_lm_get_params(void* self, float* params);
 int gpu_lm_get_grads(void* self, float* grads);
@@ -33,8 +40,9 @@ int gpu_lm_get_dstate(void* self, float* dh0, float* dc0);
 int gpu_lm_zero_grad(void* self);
 int gpu_lm_step(void* self, float* grad_norm, float lr, float beta1, float beta2, float eps, float weight_decay,
                 float max_norm);
+int gpu_lm_train_step(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets, float lr,
+                      float beta1, float beta2, float eps, float weight_decay, float max_norm);
 """
-
 
 
 def library_path():
@@ -79,15 +87,18 @@ class GpuLM:
     """Embedding(V, E) -> L recurrent layers (cuDNN) -> Linear(H, V) -> mean cross-entropy, on the GPU,
     for one fixed batch shape (B, T). Arrays in and out are NumPy; every output is a fresh copy."""
 
-    def __init__(self, cell, V, E, H, L, B, T, tf32=False):
+    def __init__(self, cell, V, E, H, L, B, T, tf32=False, algo=None):
         cell = CELLS[cell] if isinstance(cell, int) else cell
         if cell not in CELLS:
             raise ValueError(f'unknown cell {cell!r}, expected one of {CELLS}')
         self.cell, self.V, self.E, self.H, self.L, self.B, self.T = cell, V, E, H, L, B, T
         self.num_params = num_params(cell, V, E, H, L)
-        self._ptr = lib.gpu_lm_new(CELLS.index(cell), V, E, H, L, B, T, 1 if tf32 else 0)
+        self._ptr = lib.gpu_lm_new(CELLS.index(cell), V, E, H, L, B, T, 1 if tf32 else 0,
+                                   algo.encode() if algo else ffi.NULL)
         if self._ptr == ffi.NULL:
             raise RuntimeError(f'gpu_lm_new: {last_error()}')
+        self.about = ffi.string(lib.gpu_lm_about(self._ptr)).decode('utf-8', 'replace')
+        self.algo = ffi.string(lib.gpu_lm_algo(self._ptr)).decode()
 
     def close(self):
         if getattr(self, '_ptr', ffi.NULL) != ffi.NULL:
@@ -187,3 +198,12 @@ class GpuLM:
         norm = ffi.new('float*')
         _check(lib.gpu_lm_step(self._ptr, norm, lr, beta1, beta2, eps, weight_decay, max_norm), 'step')
         return float(norm[0])
+
+    def train_step(self, inputs, targets, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, max_norm=0.0):
+        """train_gpu's step: forward from the carried state (zeros at first, then each step's final
+        state), backward, clip, AdamW, with one wait on the GPU; returns (loss, norm before clipping)."""
+        x, y = self._tokens(inputs, 'inputs'), self._tokens(targets, 'targets')
+        loss, norm = ffi.new('float*'), ffi.new('float*')
+        _check(lib.gpu_lm_train_step(self._ptr, loss, norm, ffi.from_buffer('int[]', x), ffi.from_buffer('int[]', y),
+                                     lr, beta1, beta2, eps, weight_decay, max_norm), 'train_step')
+        return float(loss[0]), float(norm[0])
