@@ -141,23 +141,19 @@ static inline __attribute__((always_inline)) void matmul_tile(float* c, long ldc
 // One instance per row count, so a short edge tile (16 rows per thread make 6 + 6 + 4 on AVX2) does
 // no wasted multiplies. Kept out of line, so the inner loops have names to find in the assembly
 // (scripts/check_spills.py). A is row-major (a_cs == 1) or transposed (a_rs == 1).
+#define TILE_CASE(rows, a_rs, a_cs) case rows: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, rows, nr, acc); break;
+#if MR == 8
+#define TILE_CASES_WIDE(a_rs, a_cs) TILE_CASE(4, a_rs, a_cs) TILE_CASE(5, a_rs, a_cs) TILE_CASE(6, a_rs, a_cs) TILE_CASE(7, a_rs, a_cs)
+#elif MR == 6
+#define TILE_CASES_WIDE(a_rs, a_cs) TILE_CASE(4, a_rs, a_cs) TILE_CASE(5, a_rs, a_cs)
+#else
+#define TILE_CASES_WIDE(a_rs, a_cs)
+#endif
 #define TILE_ROWS(a_rs, a_cs) \
     switch (mr) { \
-    case 1: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 1, nr, acc); break; \
-    case 2: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 2, nr, acc); break; \
-    case 3: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 3, nr, acc); break; \
-    case 4: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 4, nr, acc); break; \
-    case 5: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 5, nr, acc); break; \
-    TILE_ROWS_WIDE(a_rs, a_cs) \
+    TILE_CASE(1, a_rs, a_cs) TILE_CASE(2, a_rs, a_cs) TILE_CASE(3, a_rs, a_cs) TILE_CASES_WIDE(a_rs, a_cs) \
     default: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, MR, nr, acc); break; \
     }
-#if MR == 8
-#define TILE_ROWS_WIDE(a_rs, a_cs) \
-    case 6: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 6, nr, acc); break; \
-    case 7: matmul_tile(c, ldc, a, a_rs, a_cs, bp, kc, 7, nr, acc); break;
-#else
-#define TILE_ROWS_WIDE(a_rs, a_cs)
-#endif
 
 __attribute__((noinline)) static void matmul_tile_rowmajor(float* c, long ldc, const float* a, long a_rs, const float* bp,
                                                            int kc, int mr, int nr, int acc) {
