@@ -387,9 +387,9 @@ static int train_run(int argc, char** argv, const Backend* be) {
             TRY(be->set_state(run, NULL, NULL));
         }
 
-        printf("pyrnn %s | %s L=%d E=%d H=%d V=%d | %.2fM params | B=%d T=%d | lr %g wd %g clip %g | threads %d\n",
+        printf("pyrnn %s | %s L=%d E=%d H=%d V=%d | %.2fM params | B=%d T=%d | lr %g wd %g clip %g | threads %d | %s kernels\n",
                be->name, cell_names[cfg.cell], cfg.n_layers, cfg.embed_size, cfg.hidden_size, cfg.vocab_size, P / 1e6,
-               a.B, a.T, a.lr, a.weight_decay, a.grad_clip, omp_get_max_threads());
+               a.B, a.T, a.lr, a.weight_decay, a.grad_clip, omp_get_max_threads(), pyrnn_isa());
         if (dist.size > 1) printf("%d ranks, %d streams and %d threads each\n", dist.size, local_B, omp_get_max_threads());
         printf("train %zu tokens (%ld batches per pass), val %zu tokens\n", train.n_tokens, loader.n_batches, val.n_tokens);
 
