@@ -86,6 +86,31 @@ def test_make_arch_picks_the_target():
     assert not any(f.startswith('-march=') and f != '-march=native' for f in default)
 
 
+@pytest.mark.skipif(not shutil.which('make'), reason='make is not available')
+def test_make_rebuilds_when_arch_changes(tmp_path):
+    # the compile line is a prerequisite: after a native build, ARCH=x86-64-v2 rebuilds, and back
+    from pyrnn import data
+    from pyrnn._build import _accepts, _compiler
+    if not _accepts(_compiler(), ['-march=x86-64-v2']):
+        pytest.skip('the compiler does not target x86-64-v2')
+    data.prepare(b'to be or not to be, that is the question\n' * 200, str(tmp_path / 'data'))
+    env = {k: v for k, v in os.environ.items() if k not in ('ARCH', 'PYRNN_ARCH', 'CFLAGS')}
+
+    def kernels(*make_args):   # what the trainer's banner says it was built with
+        subprocess.run(['make', '-s', 'train_cpu', *make_args], cwd=ROOT, env=env, check=True, capture_output=True)
+        r = subprocess.run([os.path.join(ROOT, 'train_cpu'), '-i', str(tmp_path / 'data' / 'train.bin'), '-j', '',
+                            '-o', str(tmp_path / 'out'), '-n', '0', '-s', '0', '-m', '0', '-v', '0', '-P', '1'],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()[0].rsplit('|', 1)[1].split()[0]
+
+    native = kernels()
+    try:
+        assert kernels('ARCH=x86-64-v2') == 'sse2' != native
+    finally:
+        assert kernels() == native
+
+
 # ---------------------------------------------------------------------------- the no-spill check
 
 def spills_module():
