@@ -341,6 +341,7 @@ static int train_run(int argc, char** argv, const Backend* be) {
                 if (given(flags, n_flags, 'C')) TRY(fail("%s was trained with -C %d; resuming needs the same -C", ck_path, ck.carry));
                 a.carry = ck.carry;
             }
+            if (!given(flags, n_flags, 'p')) a.dropout = ck.dropout;   // -p may change it; unsaid, it carries on
             TRY(check_args(&a));   // what came from the file obeys the same limits as flags
             cfg = k;
             start_step = ck.step;

@@ -12,7 +12,8 @@
 // column strides, so one routine serves x W^T (forward), dY W (input grads) and dY^T X (weight
 // grads). op(B) is packed into NR-wide column panels (once per pass for the recurrent weights);
 // A is read in place, which is cache-friendly for both layouts we use: for row-major A the kernel
-// streams MR rows, for transposed A (a_rs == 1) the MR values of one k are contiguous.
+// streams MR rows, for transposed A (a_rs == 1) the MR values of one k are contiguous (a transposed
+// tile that meets many panels of B is copied once first, see matmul_packed_team).
 //
 // The register tile is MR rows x NR columns, NR = NV vectors of the widest float vector the target
 // has, sized so the MR * NV accumulators, NV vectors of B and one broadcast of A fit the register
@@ -146,8 +147,10 @@ static inline __attribute__((always_inline)) void matmul_tile(float* c, long ldc
 #define TILE_CASES_WIDE(a_rs, a_cs) TILE_CASE(4, a_rs, a_cs) TILE_CASE(5, a_rs, a_cs) TILE_CASE(6, a_rs, a_cs) TILE_CASE(7, a_rs, a_cs)
 #elif MR == 6
 #define TILE_CASES_WIDE(a_rs, a_cs) TILE_CASE(4, a_rs, a_cs) TILE_CASE(5, a_rs, a_cs)
-#else
+#elif MR == 4
 #define TILE_CASES_WIDE(a_rs, a_cs)
+#else
+#error "matmul.h: give the tile's edge instances for this MR"
 #endif
 #define TILE_ROWS(a_rs, a_cs) \
     switch (mr) { \

@@ -275,7 +275,8 @@ static int lookup_pays(size_t rows, size_t V) { return V > 0 && rows >= V; }
 
 // Layers project their input step by step inside the recurrence, unless they look it up by token or
 // a thread's rows would not fill a register tile (then the per-step product would be mostly padding,
-// and one GEMM over all T steps goes first). Forward and backward each decide for themselves.
+// and one GEMM over all T steps goes first). Forward and backward each decide once, outside their
+// parallel region: inside it the thread count may read differently (OMP_NUM_THREADS=1,8).
 static int looks_up(const Stack* s, int l) { return l == 0 && s->tokens; }
 static int projects_per_step(const Stack* s, int l) { return !looks_up(s, l) && s->B >= MR * omp_get_max_threads(); }
 
@@ -402,12 +403,13 @@ static void input_projection_lookup_backward(Stack* s) {
 // still in cache for the cell (6% of a medium LSTM step against one GEMM over all T, whose 8 MB of
 // output went to memory and back), with W_ih packed in the matmul scratch, which nothing else uses
 // until the recurrence ends; or one GEMM over all T before the recurrence. Both directions are
-// called before the recurrence, at each step t for the calling thread's rows [b0, b1), and after.
+// called before the recurrence, at each step t for the calling thread's rows [b0, b1), and after,
+// with the pass's one per_step decision (projects_per_step).
 typedef enum { PROJ_BEFORE, PROJ_STEP, PROJ_AFTER } ProjPhase;
 
-static void project_inputs_forward(Stack* s, int l, ProjPhase phase, int t, int b0, int b1) {
+static void project_inputs_forward(Stack* s, int l, int per_step, ProjPhase phase, int t, int b0, int b1) {
     int B = s->B, GH = cell_gates(s->cell) * s->hidden_size, in = l == 0 ? s->input_size : s->hidden_size;
-    int lookup = looks_up(s, l), per_step = projects_per_step(s, l);
+    int lookup = looks_up(s, l);
     float* gx = s->gates[l] + (size_t)t * B * GH;
     if (phase == PROJ_BEFORE) {
         if (lookup) matmul(s->mm, s->proj, s->table, in, 1, s->w_ih[0], 1, in, s->table_rows, GH, in, 0);
@@ -422,10 +424,10 @@ static void project_inputs_forward(Stack* s, int l, ProjPhase phase, int t, int 
 }
 
 // dxin receives dL/dx (step by step into dy's rows of step t, already read, when dxin is dy)
-static void project_inputs_backward(Stack* s, int l, float* dxin, ProjPhase phase, int t, int b0, int b1) {
+static void project_inputs_backward(Stack* s, int l, int per_step, float* dxin, ProjPhase phase, int t, int b0, int b1) {
     int B = s->B, GH = cell_gates(s->cell) * s->hidden_size, in = l == 0 ? s->input_size : s->hidden_size;
     long bt = (long)B * s->T;
-    int lookup = looks_up(s, l), per_step = projects_per_step(s, l);
+    int lookup = looks_up(s, l);
     if (phase == PROJ_BEFORE && per_step) {
         pack_b(s->mm->b, s->w_ih[l], GH, in, in, 1);
     } else if (phase == PROJ_STEP && per_step) {
@@ -454,7 +456,8 @@ static void layer_forward(Stack* s, int l) {
     size_t bh = (size_t)B * H;
     float* h = s->h[l];
     float* gates = s->gates[l];
-    project_inputs_forward(s, l, PROJ_BEFORE, 0, 0, 0);
+    int per_step = projects_per_step(s, l);
+    project_inputs_forward(s, l, per_step, PROJ_BEFORE, 0, 0, 0);
     pack_b(s->w_packed, s->w_hh[l], H, GH, 1, H);
     // batch rows never interact in the recurrence: each thread runs all T steps for its own rows,
     // with no barrier inside the loop (a barrier per step dominated small models)
@@ -464,7 +467,7 @@ static void layer_forward(Stack* s, int l) {
         thread_rows(&b0, &b1, B);
         for (int t = 0; t < T && b1 > b0; t++) {
             float* gx = gates + (size_t)t * B * GH;
-            project_inputs_forward(s, l, PROJ_STEP, t, b0, b1);
+            project_inputs_forward(s, l, per_step, PROJ_STEP, t, b0, b1);
             matmul_packed_rows(s->gh + (size_t)b0 * GH, GH, h + t * bh + (size_t)b0 * H, H, s->w_packed, b1 - b0, GH, H, 0);
             for (int r0 = b0, r1, on; r0 < b1; r0 = r1) {   // runs of rows whose sequence goes on, or has ended
                 r1 = next_run(&on, s, t, r0, b1);
@@ -513,7 +516,8 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
     if (dh_n) memcpy(dh, dh_n, bh * sizeof(float)); else memset(dh, 0, bh * sizeof(float));
     if (s->cell == CELL_LSTM) { if (dc_n) memcpy(dc, dc_n, bh * sizeof(float)); else memset(dc, 0, bh * sizeof(float)); }
     pack_b(s->w_packed, s->w_hh[l], GH, H, H, 1);
-    project_inputs_backward(s, l, dxin, PROJ_BEFORE, 0, 0, 0);
+    int per_step = projects_per_step(s, l);
+    project_inputs_backward(s, l, per_step, dxin, PROJ_BEFORE, 0, 0, 0);
     #pragma omp parallel if ((long)B * GH * H > PAR_MIN_WORK)
     {
         int b0, b1;   // as in forward: each thread owns its batch rows through all T steps
@@ -540,12 +544,12 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
                 }
             }
             matmul_packed_rows(dh + (size_t)b0 * H, H, dgh + (size_t)b0 * GH, GH, s->w_packed, b1 - b0, H, GH, 1);
-            project_inputs_backward(s, l, dxin, PROJ_STEP, t, b0, b1);
+            project_inputs_backward(s, l, per_step, dxin, PROJ_STEP, t, b0, b1);
         }
     }
     // weight gradients for all T steps at once
     matmul(s->mm, s->dw_hh[l], s->dgates_h, 1, GH, h, H, 1, GH, H, (int)bt, 1);
-    project_inputs_backward(s, l, dxin, PROJ_AFTER, 0, 0, 0);
+    project_inputs_backward(s, l, per_step, dxin, PROJ_AFTER, 0, 0, 0);
     if (s->has_bias) bias_backward(s, l);
     if (dh0) memcpy(dh0, dh, bh * sizeof(float));
     if (dc0 && s->cell == CELL_LSTM) memcpy(dc0, dc, bh * sizeof(float));
@@ -645,6 +649,7 @@ static void zero_past_lengths(float* y, const int* lengths, int B, int T, int wi
 // h_n / c_n hold each sequence's state at its last step
 int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float* x, const float* h0,
                       const float* c0, const int* lengths, int B, int T) {
+    m->s.B = 0;   // until this forward succeeds, backward refuses: what it would read may be freed below
     if (check_batch_shape(B, T)) return -1;
     if (lengths) {
         for (int b = 0; b < B; b++)
@@ -809,6 +814,7 @@ static int model_reserve(Model* m, int B, int T) {
 // inputs / targets (B, T) token ids; targets may be NULL (no loss). h0 / c0 (L, B, H) or NULL.
 int model_forward(Model* m, const int* inputs, const int* targets, const float* h0, const float* c0, int B, int T) {
     int V = m->config.vocab_size, H = m->config.hidden_size;
+    m->has_targets = 0;   // until this forward succeeds, backward refuses (the buffers may be reallocated)
     if (model_reserve(m, B, T)) return -1;
     size_t bt = (size_t)B * T;
     for (size_t i = 0; i < bt; i++) {
@@ -817,7 +823,6 @@ int model_forward(Model* m, const int* inputs, const int* targets, const float* 
         if (targets && (targets[i] < 0 || targets[i] >= V))
             return fail("target token %d at position %zu is outside the vocabulary [0, %d)", targets[i], i, V);
     }
-    m->has_targets = targets != NULL;
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
             m->inputs[(size_t)t * B + b] = inputs[(size_t)b * T + t];
@@ -846,6 +851,7 @@ int model_forward(Model* m, const int* inputs, const int* targets, const float* 
     if (targets) for (size_t r = 0; r < bt; r++) loss += m->lse[r] - m->logits[r * V + m->targets[r]];
     m->loss = targets ? (float)(loss / (double)bt) : 0.0f;
     stack_final_states(m->h_n, m->c_n, &m->rnn);
+    m->has_targets = targets != NULL;
     return 0;
 }
 

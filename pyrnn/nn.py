@@ -65,7 +65,8 @@ def _check_backend(backend):
 
 
 def set_num_threads(n):
-    """OpenMP threads used by the C backend (no effect if it was built without OpenMP)."""
+    """OpenMP threads used by the C backend (no effect if it was built without OpenMP). OpenMP keeps
+    this per thread: a Python thread that runs models calls it for itself (or set OMP_NUM_THREADS)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f'set_num_threads: n must be a positive int, got {n!r}')
     _, lib = _load_backend('c')
@@ -427,6 +428,7 @@ class _CStack(_HostAdam):
         return self._run(tape) + (tape,)
 
     def _run(self, tape):
+        self._current = None   # the Layers' activations are the tape's only once every call succeeded
         ffi, lib, L, D, H = self._ffi, self._lib, self.L, self.D, self.H
         x, h0, c0, masks, rev = tape['x'], tape['h0'], tape['c0'], tape['masks'], tape['reverse']
         lengths = ffi.NULL if tape['lengths'] is None else _c_array(ffi, tape['lengths'], 'int[]')

@@ -4,6 +4,7 @@ bidirectional stacks, variable lengths, dropout, one backward per forward, cells
 Against torch in float32 (skipped when torch is missing) at relative error < 1e-5 per tensor, and
 against the float64 oracle at the same tolerance. The largest error against torch per case is
 printed at the end (pytest -s)."""
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -351,3 +352,37 @@ def test_views_outlive_their_module(make):
     for k, v in params.items():
         np.testing.assert_array_equal(v, expected[k])
         assert np.all(grads[k] == 0)
+
+
+def test_nested_thread_setting_keeps_one_projection_plan():
+    # OMP_NUM_THREADS=1,8 reads 1 thread outside a parallel region and 8 inside: forward and backward
+    # must decide the per-step projection once (outside), or the gates and dx go stale
+    import subprocess
+    import sys
+    code = ('import numpy as np, pyrnn\n'
+            'm = pyrnn.LSTM(20, 64, seed=0)\n'
+            'x = np.random.default_rng(0).standard_normal((5, 16, 20)).astype(np.float32)\n'
+            'out, _ = m.forward(x)\n'
+            'dx, _ = m.backward(np.ones_like(out))\n'
+            'print(repr(float(out.sum())), repr(float(dx.sum())), repr(float(m.grad["weight_ih_l0"].sum())))\n')
+    runs = [subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, OMP_NUM_THREADS=threads)) for threads in ('1', '1,8')]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert runs[0].stdout == runs[1].stdout
+
+
+def test_a_failed_forward_leaves_nothing_for_backward():
+    # the C layer API: a forward that fails (here: a bad length) must not let backward read its buffers
+    from pyrnn._crnn import ffi, lib
+    m = ffi.gc(lib.layer_new(2, 3, 4, 1, 1), lib.layer_free)
+    x = np.ones((2, 1, 3), np.float32)
+    out, hn, cn = (np.zeros((2, 1, 4), np.float32) for _ in range(3))
+    f = lambda a: ffi.from_buffer('float[]', a)
+    assert lib.layer_forward_api(m, f(out), f(hn), f(cn), f(x), ffi.NULL, ffi.NULL, ffi.NULL, 1, 2) == 0
+    bad = np.array([3], np.int32)   # longer than T
+    assert lib.layer_forward_api(m, f(out), f(hn), f(cn), f(x), ffi.NULL, ffi.NULL, ffi.from_buffer('int[]', bad), 1, 2) == -1
+    assert b'outside [1, 2]' in ffi.string(lib.pyrnn_last_error())
+    dx, dh0, dc0 = np.zeros_like(x), np.zeros_like(hn), np.zeros_like(cn)
+    assert lib.layer_backward_api(m, f(dx), f(dh0), f(dc0), f(out), ffi.NULL, ffi.NULL) == -1
+    assert b'before forward' in ffi.string(lib.pyrnn_last_error())

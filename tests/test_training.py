@@ -273,3 +273,9 @@ def test_train_cpu_checkpoint_carries_dropout(train_cpu, corpus, tmp_path):
     ck = checkpoint.read_checkpoint(str(out / "ckpt_00000002.bin"))
     assert ck["dropout"] == 0.25
     assert pyrnn.CharLM.load(str(out / "ckpt_00000002.bin")).dropout == 0.25
+    # a resume without -p carries the rate on; -p changes it
+    no_p = [f for i, f in enumerate(small_flags(corpus, out)) if f != "-p" and small_flags(corpus, out)[i - 1] != "-p"]
+    assert run([train_cpu, *no_p, "-n", "3", "-r", "latest"]).returncode == 0
+    assert checkpoint.read_checkpoint(str(out / "ckpt_00000003.bin"))["dropout"] == 0.25
+    assert run([train_cpu, *no_p, "-n", "4", "-r", "latest", "-p", "0.5"]).returncode == 0
+    assert checkpoint.read_checkpoint(str(out / "ckpt_00000004.bin"))["dropout"] == 0.5
