@@ -5,24 +5,16 @@ Against torch in float32 (skipped when torch is missing) at relative error < 1e-
 against the float64 oracle at the same tolerance. The largest error against torch per case is
 printed at the end (pytest -s)."""
 import os
-from collections import defaultdict
 
 import numpy as np
 import pytest
 
 import pyrnn
+from error_report import note, worst_errors
 from pyrnn import oracle
 
 TOL = 1e-5
-WORST = defaultdict(float)
-
-
-@pytest.fixture(scope='module', autouse=True)
-def report_worst():
-    yield
-    if WORST:
-        print('\nlargest relative error per comparison (against torch unless named): ' +
-              ', '.join(f'{k} {e:.2e}' for k, e in sorted(WORST.items())))
+WORST, report_worst = worst_errors('largest relative error per comparison (against torch unless named)')
 
 
 def rel_err(a, b):
@@ -39,7 +31,7 @@ def close(key, name, a, b, tol=TOL):
         assert np.asarray(a).shape == b.shape and not np.any(a), f'{key} {name}: expected all zeros'
         return
     err = rel_err(a, b)
-    WORST[key] = max(WORST[key], err)
+    note(WORST, key, err)
     assert err < tol, f'{key} {name}: relative error {err:.3e}'
 
 

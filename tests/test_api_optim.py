@@ -9,17 +9,10 @@ import numpy as np
 import pytest
 
 import pyrnn
+from error_report import note, worst_errors
 
 BACKENDS = ['c', 'numpy']
-WORST = {}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def report_worst():
-    yield
-    if WORST:
-        print('\nlargest relative error of the parameters after AdamW steps against torch: ' +
-              ', '.join(f'{k} {e:.2e}' for k, e in sorted(WORST.items())))
+WORST, report_worst = worst_errors('largest relative error of the parameters after AdamW steps against torch')
 
 
 def make(kind, backend):
@@ -96,7 +89,7 @@ def test_adamw_and_clipping_match_torch(kind, backend):
         e = np.linalg.norm(v - ref[k].numpy()) / np.linalg.norm(ref[k].numpy())
         err = max(err, e)
         assert e < 1e-5, f'{k}: relative error {e:.2e}'
-    WORST[f'{kind} {backend}'] = max(WORST.get(f'{kind} {backend}', 0.0), err)
+    note(WORST, f'{kind} {backend}', err)
     st, tst = opt.state_dict(), topt.state_dict()
     assert st['param_groups'][0]['params'] == tst['param_groups'][0]['params']
     for i, s in st['state'].items():
