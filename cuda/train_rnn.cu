@@ -1006,6 +1006,11 @@ static int gpu_math_tf32 = 0;                // --math tf32
 static int gpu_rnn_algo = GPU_ALGO_AUTO;     // --cudnn-algo, else $PYRNN_CUDNN_ALGO, else auto
 
 static void* gb_create(Config c, int B, int T, float dropout) {
+    if (dropout > 0.0f && dist.size > 1) {   // the CPU's counter-based masks follow the global stream; cuDNN's do not
+        fail("-p %g on %d GPU ranks: cuDNN's dropout masks depend on the rank, so the run would not train what one "
+             "process trains; use -p 0 with train_gpu_mpi", dropout, dist.size);
+        return NULL;
+    }
     if (nccl_init()) return NULL;   // this rank's GPU, before anything is allocated on one
     GpuLM* g = gpu_lm_create(c, B, T, gpu_math_tf32, gpu_rnn_algo, dropout);
     if (!g) return NULL;
