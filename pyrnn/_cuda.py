@@ -21,7 +21,7 @@ import os
 import numpy as np
 from cffi import FFI
 
-from .oracle import CELLS, lm_param_shapes
+from .oracle import CELLS, lm_num_params
 
 CDEF = """
 void* gpu_lm_new(int cell, int V, int E, int H, int L, int B, int T, int tf32, const char* algo);
@@ -79,10 +79,6 @@ def _check(status, what):
         raise RuntimeError(f'{what}: {last_error()}')
 
 
-def num_params(cell, V, E, H, L):
-    return sum(int(np.prod(s)) for s in lm_param_shapes(cell, V, E, H, L).values())
-
-
 class GpuLM:
     """Embedding(V, E) -> L recurrent layers (cuDNN) -> Linear(H, V) -> mean cross-entropy, on the GPU,
     for one fixed batch shape (B, T). Arrays in and out are NumPy; every output is a fresh copy."""
@@ -92,7 +88,7 @@ class GpuLM:
         if cell not in CELLS:
             raise ValueError(f'unknown cell {cell!r}, expected one of {CELLS}')
         self.cell, self.V, self.E, self.H, self.L, self.B, self.T = cell, V, E, H, L, B, T
-        self.num_params = num_params(cell, V, E, H, L)
+        self.num_params = lm_num_params(cell, V, E, H, L)
         self._ptr = lib.gpu_lm_new(CELLS.index(cell), V, E, H, L, B, T, 1 if tf32 else 0,
                                    algo.encode() if algo else ffi.NULL)
         if self._ptr == ffi.NULL:

@@ -65,8 +65,7 @@ _HPARAMS = ('lr', 'beta1', 'beta2', 'eps', 'weight_decay', 'max_grad_norm')
 def _array_specs(r):
     """(name, dtype, shape) of every array, in file order; None shape = absent (C = 0)."""
     V, E, H, L, B, T = (r[k] for k in 'VEHLBT')
-    P = sum(int(np.prod(s)) for s in oracle.lm_param_shapes(oracle.CELLS[r['cell']],
-                                                            V, E, H, L).values())
+    P = oracle.lm_num_params(oracle.CELLS[r['cell']], V, E, H, L)
     st = (L, B, H)
     cs = st if oracle.CELLS[r['cell']] == 'lstm' else None
     shapes = dict(inputs=(B, T), targets=(B, T), h0=st, c0=cs, params=(P,), logits=(T, B, V),

@@ -59,7 +59,7 @@ def binary():
 
 
 def num_params(E, H, L):
-    return sum(int(np.prod(s)) for s in oracle.lm_param_shapes("lstm", V, E, H, L).values())
+    return oracle.lm_num_params("lstm", V, E, H, L)
 
 
 def run_layout(mpiexec, exe, ranks, threads, model, steps, train_bin, out):
