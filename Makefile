@@ -44,7 +44,7 @@ test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
 lib: lib/libpyrnn.so
 lib/libpyrnn.so: $(C_SRC) $(C_DEPS)
 	@mkdir -p lib
-	$(CC) $(CFLAGS) -DPYRNN_NO_MAIN -shared -fPIC $< -o $@ $(LDLIBS)
+	$(CC) $(CFLAGS) -DPYRNN_LIBRARY -shared -fPIC $< -o $@ $(LDLIBS)
 
 # everything the package and its tests need, then the package itself (builds the cffi extension for
 # ARCH). A fresh venv's setuptools (65.5 in Python 3.11's) has no bdist_wheel of its own (it came in

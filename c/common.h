@@ -53,14 +53,22 @@ void pyrnn_set_num_threads(int n) { if (n > 0) omp_set_num_threads(n); }
 int pyrnn_get_num_threads(void) { return omp_get_max_threads(); }
 
 // ----------------------------------------------------------------------------
-// random numbers: splitmix64, one 64-bit state, cheap to checkpoint
+// random numbers: splitmix64, one 64-bit state, cheap to checkpoint. Its output function is shared
+// with the GPU's kernels (a counter through it gives independent uniform 64-bit values).
 
-static uint64_t rng_next(uint64_t* state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+#ifdef __CUDACC__
+#define HOST_DEVICE __host__ __device__
+#else
+#define HOST_DEVICE
+#endif
+#define RNG_GAMMA 0x9E3779B97F4A7C15ull
+
+HOST_DEVICE static inline uint64_t mix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
+static uint64_t rng_next(uint64_t* state) { return mix64(*state += RNG_GAMMA); }
 static float rng_uniform(uint64_t* state) { return (float)((rng_next(state) >> 40) * (1.0 / 16777216.0)); }
 static float rng_normal(uint64_t* state) {
     double u1 = ((rng_next(state) >> 11) + 1.0) * (1.0 / 9007199254740993.0);   // (0, 1]
@@ -80,16 +88,48 @@ static int cell_from_name(const char* name) {
     return -1;
 }
 
+// "rnn, rnn_relu, lstm or gru", from the table, for messages
+static const char* cell_list(void) {
+    static __thread char list[64];   // per thread, as the message it goes into
+    if (!list[0])
+        for (int i = 0; i < N_CELLS; i++)
+            snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s", cell_names[i],
+                     i + 2 < N_CELLS ? ", " : i + 1 < N_CELLS ? " or " : "");
+    return list;
+}
+
 typedef struct {
     int cell, vocab_size, embed_size, hidden_size, n_layers;
 } Config;
 
+// the one check of a recurrent stack's shape, for the layer API and the language model alike
+static int stack_config_check(int cell, int input_size, int hidden_size, int n_layers) {
+    if (cell < 0 || cell >= N_CELLS) return fail("unknown cell %d (expected 0..%d: %s)", cell, N_CELLS - 1, cell_list());
+    if (input_size <= 0) return fail("input size must be positive, got %d", input_size);
+    if (hidden_size <= 0) return fail("hidden size must be positive, got %d", hidden_size);
+    if (n_layers <= 0) return fail("number of layers must be positive, got %d", n_layers);
+    return 0;
+}
+
 static int config_check(const Config* c) {
-    if (c->cell < 0 || c->cell >= N_CELLS) return fail("unknown cell %d (expected rnn, rnn_relu, lstm or gru)", c->cell);
     if (c->vocab_size <= 0) return fail("vocabulary size must be positive, got %d", c->vocab_size);
     if (c->embed_size <= 0) return fail("embedding size must be positive, got %d", c->embed_size);
-    if (c->hidden_size <= 0) return fail("hidden size must be positive, got %d", c->hidden_size);
-    if (c->n_layers <= 0) return fail("number of layers must be positive, got %d", c->n_layers);
+    return stack_config_check(c->cell, c->embed_size, c->hidden_size, c->n_layers);
+}
+
+// a batch of B streams x T steps; the bound keeps every row index in an int
+#define MAX_BATCH_TOKENS (1LL << 30)
+static int batch_shape_check(int B, int T) {
+    if (B <= 0 || T <= 0) return fail("batch size and sequence length must be positive, got B=%d T=%d", B, T);
+    if ((long long)B * T > MAX_BATCH_TOKENS) return fail("batch of B=%d x T=%d is too large", B, T);
+    return 0;
+}
+
+// every token id in [0, V), or a message naming the first that is not
+static int tokens_check(const int* tokens, size_t n, int V, const char* what) {
+    for (size_t i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= V)
+            return fail("%s token %d at position %zu is outside the vocabulary [0, %d)", what, tokens[i], i, V);
     return 0;
 }
 

@@ -100,14 +100,6 @@ static void dist_mean_floats(float* buf, size_t n) {
     for (long i = 0; i < (long)n; i++) buf[i] *= inv;
 }
 
-static void dist_bcast_floats(float* buf, size_t n) {
-    if (dist.size == 1) return;
-    for (size_t i = 0; i < n; i += DIST_CHUNK) {
-        int count = n - i < DIST_CHUNK ? (int)(n - i) : DIST_CHUNK;
-        MPI_CHECK(MPI_Bcast(buf + i, count, MPI_FLOAT, 0, MPI_COMM_WORLD));
-    }
-}
-
 // rank 0's all (L, B, H) receives every rank's mine (L, B/R, H), in global stream order (all is
 // only read on rank 0); the driver keeps local_B * H within an int
 static void dist_gather_streams(float* all, const float* mine, int L, int local_B, int H) {
@@ -134,7 +126,6 @@ static void dist_finalize(void) {}
 static int dist_agree(int status) { return status; }
 static int dist_agree_sum(int status, double* x, int n) { (void)x; (void)n; return status; }
 static void dist_mean_floats(float* buf, size_t n) { (void)buf; (void)n; }
-static void dist_bcast_floats(float* buf, size_t n) { (void)buf; (void)n; }
 static void dist_gather_streams(float* all, const float* mine, int L, int local_B, int H) {
     memcpy(all, mine, (size_t)L * local_B * H * sizeof(float));
 }

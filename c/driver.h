@@ -1,7 +1,7 @@
 // driver.h: the training driver shared by the CPU and GPU trainers. The Backend table a model fills,
 // the flags, and train_main: data, carried state, logging, eval, sampling and checkpoints, in one
-// process or data-parallel over MPI ranks (dist.h). Include after the model (the host model draws
-// the initial weights and samples).
+// process or data-parallel over MPI ranks (dist.h). It reaches a model only through its Backend, so
+// it depends on no model file: c/train_rnn.c and cuda/train_rnn.cu include it and fill the table.
 #pragma once
 #include "common.h"
 #include "dist.h"
@@ -16,6 +16,10 @@ typedef struct {
     const char* name;
     void* (*create)(Config c, int B, int T, float dropout);
     void (*destroy)(void* self);
+    // what the model runs on, for the banner ("avx2 kernels")
+    const char* (*about)(void* self);
+    // fresh weights drawn from the seed (torch's default init), AdamW state zeroed, the run's generator seeded
+    int (*init)(void* self, uint64_t seed);
     // flat parameters (torch order) and AdamW state to / from host buffers; m, v may be NULL
     int (*set_params)(void* self, const float* params, const float* m, const float* v, int adam_t, uint64_t rng);
     int (*get_params)(void* self, float* params, float* m, float* v, int* adam_t, uint64_t* rng);
@@ -29,6 +33,8 @@ typedef struct {
     int (*train_step)(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets, const StepParams* sp);
     // forward only, no dropout, from host state h, c, which it overwrites with the final state
     int (*eval_step)(void* self, float* loss, const int* inputs, const int* targets, float* h, float* c);
+    // n tokens drawn after the prime token from the current weights; the carried state is untouched
+    int (*sample)(void* self, int* out, int prime, int n, float temperature, int top_k, uint64_t seed);
 } Backend;
 
 // ----------------------------------------------------------------------------
@@ -98,7 +104,7 @@ static int given(const Flag* flags, int n, char flag) {
 }
 
 static int check_args(const TrainArgs* a) {
-    if (cell_from_name(a->cell_name) < 0) return fail("-c: unknown cell '%s' (expected rnn, rnn_relu, lstm or gru)", a->cell_name);
+    if (cell_from_name(a->cell_name) < 0) return fail("-c: unknown cell '%s' (expected %s)", a->cell_name, cell_list());
     struct { int v; const char* what; } positive[] = {
         { a->n_layers, "-L layers" }, { a->embed_size, "-E embedding size" }, { a->hidden_size, "-H hidden size" },
         { a->B, "-b batch size" }, { a->T, "-t sequence length" },
@@ -106,7 +112,7 @@ static int check_args(const TrainArgs* a) {
     for (size_t i = 0; i < sizeof(positive) / sizeof(positive[0]); i++)
         if (positive[i].v <= 0) return fail("%s must be positive, got %d", positive[i].what, positive[i].v);
     if (a->n_layers > 64 || a->embed_size > 65536 || a->hidden_size > 65536) return fail("-L, -E or -H is too large");
-    if ((long long)a->B * a->T > (1LL << 30)) return fail("-b x -t is too large");
+    if ((long long)a->B * a->T > MAX_BATCH_TOKENS) return fail("-b x -t is too large");
     if (a->max_steps < 0) return fail("-n max steps must be >= 0, got %d", a->max_steps);
     if (!(a->lr > 0.0f)) return fail("-l learning rate must be positive, got %g", a->lr);
     if (a->weight_decay < 0.0f) return fail("-w weight decay must be >= 0, got %g", a->weight_decay);
@@ -177,20 +183,26 @@ static int evaluate(float* val_loss, const Backend* be, void* run, const TokenFi
     return 0;
 }
 
-static void print_sample(Model* sampler, const float* params, const unsigned char* vocab, int n, float temperature,
-                         int top_k, uint64_t seed) {
+static void print_sample(const Backend* be, void* run, const TokenFile* train, int n, float temperature, int top_k,
+                         uint64_t seed) {
     if (n <= 0) return;
-    memcpy(sampler->params, params, sampler->num_params * sizeof(float));
     int prime = 0;   // a newline when the vocabulary has one, so samples start at a line
-    for (int v = 0; v < sampler->config.vocab_size; v++) if (vocab[v] == '\n') prime = v;
+    for (int v = 0; v < train->vocab_size; v++) if (train->vocab[v] == '\n') prime = v;
     int* out = (int*)malloc(n * sizeof(int));
     if (!out) return;
-    if (model_sample(sampler, out, &prime, 1, n, temperature, top_k, seed) == 0) {
+    if (be->sample(run, out, prime, n, temperature, top_k, seed) == 0) {
         printf("---- sample ----\n");
-        for (int i = 0; i < n; i++) putchar(vocab[out[i]]);
+        for (int i = 0; i < n; i++) putchar(train->vocab[out[i]]);
         printf("\n----------------\n");
     }
     free(out);
+}
+
+// whether every float is finite (a serial pass: it runs once per checkpoint)
+static int all_finite(const float* x, size_t n) {
+    float acc = 0.0f;
+    for (size_t i = 0; i < n; i++) acc += x[i] * 0.0f;   // 0 * inf and 0 * nan are nan
+    return acc == 0.0f;
 }
 
 typedef struct {
@@ -201,7 +213,7 @@ typedef struct {
 static int save_checkpoint(CkptKeeper* keeper, Checkpoint* k) {
     char name[64], path[4096], latest[4096];
     size_t P = model_num_params(k->config);
-    if (!isfinite(sum_squares(k->params, P) + sum_squares(k->m, P) + sum_squares(k->v, P)))
+    if (!all_finite(k->params, P) || !all_finite(k->m, P) || !all_finite(k->v, P))
         // a finite loss and gradient can still overflow the update (e.g. a huge -l): never save that
         return fail("step %d: the parameters or AdamW state overflowed in the update; stopping without saving "
                     "(the last checkpoint in %s is intact; try a smaller -l)", k->step, keeper->out_dir);
@@ -298,7 +310,6 @@ static int train_run(int argc, char** argv, const Backend* be) {
     TokenFile train = { 0 }, val = { 0 };
     Checkpoint ck = { 0 };
     void* run = NULL;
-    Model* sampler = NULL;
     FILE* log = NULL;
     float *params = NULL, *m = NULL, *v = NULL, *h = NULL, *c = NULL, *h_all = NULL, *c_all = NULL;
     int *inputs = NULL, *targets = NULL;
@@ -364,8 +375,7 @@ static int train_run(int argc, char** argv, const Backend* be) {
         h = (float*)alloc_floats(lbh); c = (float*)alloc_floats(lbh);
         if (lead) { h_all = (float*)alloc_floats(lbh * dist.size); c_all = (float*)alloc_floats(lbh * dist.size); }
         inputs = (int*)malloc(bt * sizeof(int)); targets = (int*)malloc(bt * sizeof(int));
-        sampler = model_new(cfg);
-        TRY(params && m && v && h && c && (!lead || (h_all && c_all)) && inputs && targets && sampler ? 0 : fail("out of memory"));
+        TRY(params && m && v && h && c && (!lead || (h_all && c_all)) && inputs && targets ? 0 : fail("out of memory"));
         run = be->create(cfg, local_B, a.T, a.dropout);
         TRY(run ? 0 : -1);
         if (a.resume[0]) {
@@ -380,17 +390,14 @@ static int train_run(int argc, char** argv, const Backend* be) {
                 TRY(be->set_state(run, NULL, NULL));
             }
         } else {
-            // one init for every backend: the host model draws the weights from the seed, and every
-            // rank starts from rank 0's draw
-            model_init(sampler, (uint64_t)a.seed);
-            dist_bcast_floats(sampler->params, P);
-            TRY(be->set_params(run, sampler->params, NULL, NULL, 0, sampler->rng));
+            // the draw depends on the seed alone, so every rank starts from the same weights
+            TRY(be->init(run, (uint64_t)a.seed));
             TRY(be->set_state(run, NULL, NULL));
         }
 
-        printf("pyrnn %s | %s L=%d E=%d H=%d V=%d | %.2fM params | B=%d T=%d | lr %g wd %g clip %g | threads %d | %s kernels\n",
+        printf("pyrnn %s | %s L=%d E=%d H=%d V=%d | %.2fM params | B=%d T=%d | lr %g wd %g clip %g | threads %d | %s\n",
                be->name, cell_names[cfg.cell], cfg.n_layers, cfg.embed_size, cfg.hidden_size, cfg.vocab_size, P / 1e6,
-               a.B, a.T, a.lr, a.weight_decay, a.grad_clip, omp_get_max_threads(), pyrnn_isa());
+               a.B, a.T, a.lr, a.weight_decay, a.grad_clip, omp_get_max_threads(), be->about(run));
         if (dist.size > 1) printf("%d ranks, %d streams and %d threads each\n", dist.size, local_B, omp_get_max_threads());
         printf("train %zu tokens (%ld batches per pass), val %zu tokens\n", train.n_tokens, loader.n_batches, val.n_tokens);
 
@@ -437,10 +444,8 @@ static int train_run(int argc, char** argv, const Backend* be) {
                 if (log) fprintf(log, "{\"step\": %d, \"val_loss\": %.6f}\n", step + 1, val_loss);
             }
             if (log) fflush(log);
-            if ((a.sample_every && (step + 1) % a.sample_every == 0) || last) {   // on rank 0
-                TRY(lead ? be->get_params(run, params, NULL, NULL, NULL, NULL) : 0);
-                if (lead) print_sample(sampler, params, train.vocab, a.sample_len, a.temperature, a.top_k, (uint64_t)a.seed + step);
-            }
+            if (lead && ((a.sample_every && (step + 1) % a.sample_every == 0) || last))
+                print_sample(be, run, &train, a.sample_len, a.temperature, a.top_k, (uint64_t)a.seed + step);
             if ((a.ckpt_every && (step + 1) % a.ckpt_every == 0) || last) {
                 // rank 0 writes its replica of the model and every rank's carried state, in global stream order
                 Checkpoint k;
@@ -471,7 +476,6 @@ error:
 done:
     if (run) be->destroy(run);
     if (log) fclose(log);
-    model_free(sampler);
     free(params); free(m); free(v); free(h); free(c); free(h_all); free(c_all); free(inputs); free(targets);
     tokens_free(&train); tokens_free(&val); checkpoint_free(&ck);
     return exit_code;

@@ -3,7 +3,7 @@ Compare-outputs harness: loads a reference file written by the NumPy oracle, run
 the same batch and prints one line per tensor. Exits non-zero on any mismatch.
     ./test_cpu ref/ref_lstm.bin [-tol 1e-5]
 */
-#define PYRNN_NO_MAIN
+#define PYRNN_LIBRARY
 #include "train_rnn.c"
 #include "reference.h"
 

@@ -10,14 +10,20 @@ contiguous buffer addressed through pointer tables (the parameter layout is comm
 Backward passes accumulate into gradients that the caller zeroed first.
 
 Reads top to bottom: embedding, the cells, dropout, the stack, the layer API, the language model,
-AdamW, sampling, the CPU backend and main. The machinery lives beside it, one header each.
+AdamW, sampling, then the trainer: the CPU backend and main. The machinery lives beside it, one
+header each; none of them calls back into this file.
 
-The file also compiles as C++ (cuda/train_rnn.cu includes it for the host side), hence the casts.
+Built two ways: the trainer (./train_cpu, ./train_cpu_mpi), and with -DPYRNN_LIBRARY the model
+alone, without the driver or main (the Python extension, the compare-outputs harness and the GPU
+trainer's host side include it so). It also compiles as C++ (cuda/train_rnn.cu), hence the casts.
 */
 #include "common.h"     // errors, allocation, RNG, the cell table, Config and the parameter layout
 #include "fastmath.h"   // exp, sigmoid and tanh without libm, for the gate loops
 #include "matmul.h"     // GEMM micro-kernels sized per ISA, packing, the thread split, parallel sums
 #include "fileio.h"     // token files, checkpoints, CRC-32, atomic writes
+#ifndef PYRNN_LIBRARY
+#include "driver.h"     // the trainer: the Backend table, flags and the training loop (dist.h: MPI)
+#endif
 
 // ----------------------------------------------------------------------------
 // embedding: x[r] = table[tokens[r]] for n rows (time-major, as the stack runs)
@@ -230,19 +236,11 @@ typedef struct {
     float *w_packed;     // W_hh laid out once per pass for the per-step GEMMs
 } Stack;
 
-static int stack_check_config(int cell, int input_size, int hidden_size, int n_layers) {
-    if (cell < 0 || cell >= N_CELLS) return fail("unknown cell %d (expected 0..3: rnn, rnn_relu, lstm, gru)", cell);
-    if (input_size <= 0) return fail("input size must be positive, got %d", input_size);
-    if (hidden_size <= 0) return fail("hidden size must be positive, got %d", hidden_size);
-    if (n_layers <= 0) return fail("number of layers must be positive, got %d", n_layers);
-    return 0;
-}
-
 // points the stack's tables into params / grads; returns the number of floats used, or 0 on error
 static size_t stack_init(Stack* s, int cell, int input_size, int hidden_size, int n_layers, int has_bias,
                          float* params, float* grads) {
     memset(s, 0, sizeof(*s));
-    if (stack_check_config(cell, input_size, hidden_size, n_layers)) return 0;
+    if (stack_config_check(cell, input_size, hidden_size, n_layers)) return 0;
     s->cell = cell; s->input_size = input_size; s->hidden_size = hidden_size;
     s->n_layers = n_layers; s->has_bias = has_bias;
     int L = n_layers, H = hidden_size, GH = cell_gates(cell) * H;
@@ -289,15 +287,9 @@ static void stack_free(Stack* s) {
     s->zero_bias = s->zero_bias_grad = s->acts_memory = s->w_packed = NULL;
 }
 
-static int check_batch_shape(int B, int T) {
-    if (B <= 0 || T <= 0) return fail("batch size and sequence length must be positive, got B=%d T=%d", B, T);
-    if ((long long)B * T > (1LL << 30)) return fail("batch of B=%d x T=%d is too large", B, T);
-    return 0;
-}
-
 // (re)lays out the activation buffer for B x T; allocates only when the shape grows
 static int stack_reserve(Stack* s, int B, int T) {
-    if (check_batch_shape(B, T)) return -1;
+    if (batch_shape_check(B, T)) return -1;
     int L = s->n_layers, H = s->hidden_size, In = s->input_size, G = cell_gates(s->cell);
     size_t GH = (size_t)G * H, bt = (size_t)B * T, bh = (size_t)B * H;
     int lstm = s->cell == CELL_LSTM, gru = s->cell == CELL_GRU;
@@ -622,7 +614,7 @@ void layer_free(Layer* m) {
 }
 
 Layer* layer_new(int cell, int input_size, int hidden_size, int n_layers, int has_bias) {
-    if (stack_check_config(cell, input_size, hidden_size, n_layers)) return NULL;
+    if (stack_config_check(cell, input_size, hidden_size, n_layers)) return NULL;
     Layer* m = (Layer*)calloc(1, sizeof(Layer));
     if (!m) { fail("out of memory"); return NULL; }
     m->num_params = stack_num_params(cell, input_size, hidden_size, n_layers, has_bias);
@@ -650,7 +642,7 @@ static void zero_past_lengths(float* y, const int* lengths, int B, int T, int wi
 int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float* x, const float* h0,
                       const float* c0, const int* lengths, int B, int T) {
     m->s.B = 0;   // until this forward succeeds, backward refuses: what it would read may be freed below
-    if (check_batch_shape(B, T)) return -1;
+    if (batch_shape_check(B, T)) return -1;
     if (lengths) {
         for (int b = 0; b < B; b++)
             if (lengths[b] < 1 || lengths[b] > T) return fail("length %d of sequence %d is outside [1, %d]", lengths[b], b, T);
@@ -781,7 +773,7 @@ void model_set_training(Model* m, int training, float dropout) {
 static size_t embedded_rows(size_t bt, size_t V) { return bt < V ? bt : V; }
 
 static int model_reserve(Model* m, int B, int T) {
-    if (check_batch_shape(B, T)) return -1;
+    if (batch_shape_check(B, T)) return -1;
     size_t bt = (size_t)B * T, V = m->config.vocab_size, E = m->config.embed_size, H = m->config.hidden_size;
     size_t lbh = (size_t)m->config.n_layers * B * H;
     if (bt > m->max_bt || (size_t)B > m->max_b || !m->acts_memory) {
@@ -817,12 +809,7 @@ int model_forward(Model* m, const int* inputs, const int* targets, const float* 
     m->has_targets = 0;   // until this forward succeeds, backward refuses (the buffers may be reallocated)
     if (model_reserve(m, B, T)) return -1;
     size_t bt = (size_t)B * T;
-    for (size_t i = 0; i < bt; i++) {
-        if (inputs[i] < 0 || inputs[i] >= V)
-            return fail("input token %d at position %zu is outside the vocabulary [0, %d)", inputs[i], i, V);
-        if (targets && (targets[i] < 0 || targets[i] >= V))
-            return fail("target token %d at position %zu is outside the vocabulary [0, %d)", targets[i], i, V);
-    }
+    if (tokens_check(inputs, bt, V, "input") || (targets && tokens_check(targets, bt, V, "target"))) return -1;
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
             m->inputs[(size_t)t * B + b] = inputs[(size_t)b * T + t];
@@ -882,6 +869,36 @@ int model_backward(Model* m) {
 // ----------------------------------------------------------------------------
 // optimizer: global-norm clipping (torch clip_grad_norm_) and AdamW (torch.optim.AdamW)
 
+// sum of squares of n floats, in the fixed order of sum_squares (the norm the clip and the log see)
+double pyrnn_sum_squares(const float* x, size_t n) { return sum_squares(x, n); }
+
+// one AdamW update of n floats: the gradient scaled by grad_scale (the clip factor), t the number of
+// this step (1-based). The model's step and the layer API's optimizer (pyrnn.AdamW) both run this.
+void adamw_update(float* params, float* m, float* v, const float* grads, size_t n, float grad_scale, int t,
+                  float lr, float beta1, float beta2, float eps, float weight_decay) {
+    float bc1 = 1.0f - powf(beta1, (float)t);
+    float bc2_sqrt = sqrtf(1.0f - powf(beta2, (float)t));
+    float step_size = lr / bc1;
+    float decay = 1.0f - lr * weight_decay;
+    #pragma omp parallel for schedule(static) if ((long)n > PAR_MIN_WORK)
+    for (long i = 0; i < (long)n; i++) {
+        float g = grads[i] * grad_scale;
+        float mi = beta1 * m[i] + (1.0f - beta1) * g;
+        float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+        m[i] = mi; v[i] = vi;
+        params[i] = params[i] * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    }
+}
+
+// the AdamW moments, zeroed, unless the model has them already
+int model_adam_alloc(Model* m) {
+    if (m->m) return 0;
+    m->m = (float*)alloc_floats(m->num_params);
+    m->v = (float*)alloc_floats(m->num_params);
+    if (!m->m || !m->v) { free(m->m); free(m->v); m->m = m->v = NULL; return fail("out of memory for AdamW state"); }
+    return 0;
+}
+
 float model_grad_norm(const Model* m) {
     return (float)sqrt(sum_squares(m->grads, m->num_params));
 }
@@ -890,29 +907,14 @@ float model_grad_norm(const Model* m) {
 // clipping, and skips the update entirely when that norm is not finite.
 int model_step(Model* m, float lr, float beta1, float beta2, float eps, float weight_decay, float max_grad_norm,
                float* grad_norm) {
-    if (!m->m) {
-        m->m = (float*)alloc_floats(m->num_params);
-        m->v = (float*)alloc_floats(m->num_params);
-        if (!m->m || !m->v) return fail("out of memory for AdamW state");
-    }
+    if (model_adam_alloc(m)) return -1;
     float norm = model_grad_norm(m);
     if (grad_norm) *grad_norm = norm;
-    if (!isfinite(norm)) return 0;   // a NaN or Inf gradient must never reach the parameters; the caller decides what next
+    if (!isfinite(norm)) return 0;   // a NaN or Inf gradient never reaches the parameters; the caller decides
     float clip = 1.0f;
     if (max_grad_norm > 0.0f) { clip = max_grad_norm / (norm + 1e-6f); if (clip > 1.0f) clip = 1.0f; }
     m->adam_t++;
-    float bc1 = 1.0f - powf(beta1, (float)m->adam_t);
-    float bc2_sqrt = sqrtf(1.0f - powf(beta2, (float)m->adam_t));
-    float step_size = lr / bc1;
-    float decay = 1.0f - lr * weight_decay;
-    #pragma omp parallel for schedule(static) if ((long)m->num_params > PAR_MIN_WORK)
-    for (long i = 0; i < (long)m->num_params; i++) {
-        float g = m->grads[i] * clip;
-        float mi = beta1 * m->m[i] + (1.0f - beta1) * g;
-        float vi = beta2 * m->v[i] + (1.0f - beta2) * g * g;
-        m->m[i] = mi; m->v[i] = vi;
-        m->params[i] = m->params[i] * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
-    }
+    adamw_update(m->params, m->m, m->v, m->grads, m->num_params, clip, m->adam_t, lr, beta1, beta2, eps, weight_decay);
     return 0;
 }
 
@@ -980,9 +982,9 @@ int model_sample(Model* m, int* out, const int* prime, int n_prime, int n, float
 }
 
 // ----------------------------------------------------------------------------
-// the CPU backend: the driver (train_main) runs any model that fills its Backend table
+// the trainer: the CPU backend, which fills the driver's Backend table with the model above
 
-#include "driver.h"     // Backend, flags and the training loop
+#ifndef PYRNN_LIBRARY
 
 // test hook: PYRNN_FAULT_NAN_GRAD_STEP=N (read once, in cpu_create) sets one gradient element to NaN
 // after the backward pass of optimizer step N (1-based; the training step when none was skipped),
@@ -1004,23 +1006,22 @@ static void* cpu_create(Config c, int B, int T, float dropout) {
     r->h = (float*)alloc_floats(lbh);
     r->c = (float*)alloc_floats(lbh);
     r->B = B; r->T = T;
-    if (!r->m || !r->h || !r->c) { if (r->m) fail("out of memory"); cpu_destroy(r); return NULL; }
-    model_set_training(r->m, 1, dropout);   // the dropout generator's state arrives with set_params
+    if (!r->m || !r->h || !r->c || model_adam_alloc(r->m)) { if (r->m) fail("out of memory"); cpu_destroy(r); return NULL; }
+    model_set_training(r->m, 1, dropout);   // the dropout generator's state arrives with set_params or init
     r->m->rnn.first_stream = dist_first_stream(B);   // masks follow the global stream
     const char* fault = getenv("PYRNN_FAULT_NAN_GRAD_STEP");
     r->fault_nan_step = fault ? atoi(fault) : 0;
     return r;
 }
 
+static const char* cpu_about(void* self) { (void)self; return PYRNN_ISA " kernels"; }
+
+static int cpu_init(void* self, uint64_t seed) { model_init(((CpuRun*)self)->m, seed); return 0; }
+
 static int cpu_set_params(void* self, const float* params, const float* m, const float* v, int adam_t, uint64_t rng) {
     Model* md = ((CpuRun*)self)->m;
     size_t n = md->num_params * sizeof(float);
     memcpy(md->params, params, n);
-    if (!md->m) {
-        md->m = (float*)alloc_floats(md->num_params);
-        md->v = (float*)alloc_floats(md->num_params);
-        if (!md->m || !md->v) return fail("out of memory for AdamW state");
-    }
     if (m) memcpy(md->m, m, n); else memset(md->m, 0, n);
     if (v) memcpy(md->v, v, n); else memset(md->v, 0, n);
     md->adam_t = adam_t;
@@ -1032,8 +1033,8 @@ static int cpu_get_params(void* self, float* params, float* m, float* v, int* ad
     Model* md = ((CpuRun*)self)->m;
     size_t n = md->num_params * sizeof(float);
     if (params) memcpy(params, md->params, n);
-    if (m) { if (md->m) memcpy(m, md->m, n); else memset(m, 0, n); }
-    if (v) { if (md->v) memcpy(v, md->v, n); else memset(v, 0, n); }
+    if (m) memcpy(m, md->m, n);
+    if (v) memcpy(v, md->v, n);
     if (adam_t) *adam_t = md->adam_t;
     if (rng) *rng = md->rng;
     return 0;
@@ -1055,16 +1056,20 @@ static int cpu_get_state(void* self, float* h, float* c) {
     return 0;
 }
 
-static int cpu_train_step(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets, const StepParams* sp) {
+static int cpu_train_step(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets,
+                          const StepParams* sp) {
     CpuRun* r = (CpuRun*)self;
     Model* m = r->m;
     int status = model_forward(m, inputs, targets, r->h, r->c, r->B, r->T);
     if (status == 0) { model_zero_grad(m); status = model_backward(m); }
-    if (status == 0 && r->fault_nan_step > 0 && m->adam_t + 1 == r->fault_nan_step) { m->grads[0] = NAN; r->fault_nan_step = 0; }
+    if (status == 0 && r->fault_nan_step > 0 && m->adam_t + 1 == r->fault_nan_step) {
+        m->grads[0] = NAN;
+        r->fault_nan_step = 0;
+    }
     // every rank reaches this, failed or not: the loss and gradients become means over all ranks' streams
     *loss = m->loss;
     if (dist_step_mean(status, loss, m->grads, m->num_params)) return -1;
-    // replicated on every rank; set_params allocated the AdamW state, so nothing below fails
+    // replicated on every rank; create allocated the AdamW state, so nothing below fails
     if (model_step(m, sp->lr, sp->beta1, sp->beta2, sp->eps, sp->weight_decay, sp->max_grad_norm, grad_norm)) return -1;
     return cpu_set_state(self, m->h_n, m->c_n);
 }
@@ -1083,12 +1088,16 @@ static int cpu_eval_step(void* self, float* loss, const int* inputs, const int* 
     return 0;
 }
 
-static const Backend cpu_backend __attribute__((unused)) = {   // the library build has no main to use it
-    "cpu", cpu_create, cpu_destroy, cpu_set_params, cpu_get_params, cpu_set_state, cpu_get_state,
-    cpu_train_step, cpu_eval_step,
+// the training model samples itself: its carried state lives in CpuRun, which sampling leaves alone
+static int cpu_sample(void* self, int* out, int prime, int n, float temperature, int top_k, uint64_t seed) {
+    return model_sample(((CpuRun*)self)->m, out, &prime, 1, n, temperature, top_k, seed);
+}
+
+static const Backend cpu_backend = {
+    "cpu", cpu_create, cpu_destroy, cpu_about, cpu_init, cpu_set_params, cpu_get_params, cpu_set_state,
+    cpu_get_state, cpu_train_step, cpu_eval_step, cpu_sample,
 };
 
-#ifndef PYRNN_NO_MAIN
 int main(int argc, char** argv) { return train_main(argc, argv, &cpu_backend); }
-#endif
 
+#endif

@@ -33,8 +33,9 @@ Built three ways: ./train_gpu (this file), ./test_gpu (cuda/test_rnn.cu includes
 PYRNN_CUDA_NO_MAIN) and lib/libpyrnn_cuda.so (-DPYRNN_CUDA_LIB, the extern "C" API at the end);
 with -DUSE_MPI and NCCL, ./train_gpu_mpi averages each step over ranks (cuda/mpi_nccl.cuh).
 */
-#define PYRNN_NO_MAIN
-#include "../c/train_rnn.c"
+#define PYRNN_LIBRARY
+#include "../c/train_rnn.c"   // the model on the host: initial weights, sampling, the harness's reference
+#include "../c/driver.h"      // the Backend table, flags and the training loop
 #include "mpi_nccl.cuh"   // data-parallel ranks (./train_gpu_mpi); no-ops in one process
 
 #include <cublas_v2.h>
@@ -1072,6 +1073,30 @@ static int gb_get_state(void* self, float* h, float* c) {
     return 0;
 }
 
+static const char* gb_about(void* self) { (void)self; return "cuDNN"; }
+
+// the host model draws the weights (one init for every backend), then they move to the device
+static int gb_init(void* self, uint64_t seed) {
+    GpuLM* g = (GpuLM*)self;
+    Model* host = model_new(g->config);
+    if (!host) return -1;
+    model_init(host, seed);
+    int status = gb_set_params(self, host->params, NULL, NULL, 0, host->rng);
+    model_free(host);
+    return status;
+}
+
+// sampling runs on the host model, with the device's current weights
+static int gb_sample(void* self, int* out, int prime, int n, float temperature, int top_k, uint64_t seed) {
+    GpuLM* g = (GpuLM*)self;
+    Model* host = model_new(g->config);
+    if (!host) return -1;
+    int status = gpu_download(host->params, g->params, g->num_params * 4, g);
+    if (status == 0) status = model_sample(host, out, &prime, 1, n, temperature, top_k, seed);
+    model_free(host);
+    return status;
+}
+
 static int gb_train_step(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets, const StepParams* sp) {
     return gpu_train_step((GpuLM*)self, loss, grad_norm, inputs, targets, sp);
 }
@@ -1092,7 +1117,8 @@ static int gb_eval_step(void* self, float* loss, const int* inputs, const int* t
 }
 
 static const Backend gpu_backend = {
-    "cuda", gb_create, gb_destroy, gb_set_params, gb_get_params, gb_set_state, gb_get_state, gb_train_step, gb_eval_step,
+    "cuda", gb_create, gb_destroy, gb_about, gb_init, gb_set_params, gb_get_params, gb_set_state, gb_get_state,
+    gb_train_step, gb_eval_step, gb_sample,
 };
 
 // our own flags (--math, --cudnn-algo) are taken out of argv; the rest goes to the shared driver

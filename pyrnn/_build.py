@@ -126,7 +126,7 @@ ffibuilder.cdef(CDEF)
 _compile_args, _link_args = _flags()
 ffibuilder.set_source(
     'pyrnn._crnn',
-    '#define PYRNN_NO_MAIN\n#include "train_rnn.c"\n'
+    '#define PYRNN_LIBRARY\n#include "train_rnn.c"\n'
     f'const char* pyrnn_build_flags(void) {{ return "{" ".join(_compile_args)}"; }}\n',
     include_dirs=[C_DIR],
     # rebuild when the C core or a header it includes changes

@@ -109,7 +109,7 @@ def compile_asm(target, out_dir, compilers, source):
     path = os.path.join(out_dir, f'train_rnn.{target}.s')
     report = os.path.join(out_dir, f'train_rnn.{target}.vec.txt')
     cmd = shlex.split(compilers[cc_opt]) + ['-S', '-O3', f'-march={march}', '-fopenmp', '-fno-math-errno',
-                                            f'-fopt-info-vec-optimized={report}', '-DPYRNN_NO_MAIN', source, '-o', path]
+                                            f'-fopt-info-vec-optimized={report}', '-DPYRNN_LIBRARY', source, '-o', path]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f'{" ".join(cmd)} failed:\n{r.stderr.strip()}')
