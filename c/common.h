@@ -177,6 +177,12 @@ void model_tensor_info(const Config* c, int i, char* name, size_t name_size, siz
     }
 }
 
+// how a model trains beyond its shape; checkpoints keep it, so a resumed run goes on the same way
+typedef struct {
+    float dropout;   // between layers and before the head, while training (-p)
+    int bf16;        // GEMM operands rounded to bf16, products summed in fp32 (-M bf16); else fp32
+} TrainOptions;
+
 size_t model_num_params(Config c) {
     char name[64];
     size_t offset, numel;

@@ -14,7 +14,7 @@ typedef struct { float lr, beta1, beta2, eps, weight_decay, max_grad_norm; } Ste
 
 typedef struct {
     const char* name;
-    void* (*create)(Config c, int B, int T, float dropout);
+    void* (*create)(Config c, int B, int T, const TrainOptions* opts);
     void (*destroy)(void* self);
     // what the model runs on, for the banner ("avx2 kernels")
     const char* (*about)(void* self);
@@ -41,7 +41,7 @@ typedef struct {
 // the training driver: flags, data, carried state, logging, eval, sampling, checkpoints
 
 typedef struct {
-    const char *train_path, *val_path, *out_dir, *resume, *cell_name, *nonfinite;
+    const char *train_path, *val_path, *out_dir, *resume, *cell_name, *nonfinite, *precision;
     int n_layers, embed_size, hidden_size, B, T, max_steps, eval_every, sample_every, ckpt_every;
     int warmup, threads, carry, sample_len, top_k;
     float lr, weight_decay, grad_clip, final_lr_frac, dropout, temperature;
@@ -125,6 +125,8 @@ static int check_args(const TrainArgs* a) {
     if (a->carry != 0 && a->carry != 1) return fail("-C must be 0 or 1, got %d", a->carry);
     if (strcmp(a->nonfinite, "stop") != 0 && strcmp(a->nonfinite, "skip") != 0)
         return fail("-N must be stop or skip, got '%s'", a->nonfinite);
+    if (strcmp(a->precision, "fp32") != 0 && strcmp(a->precision, "bf16") != 0)
+        return fail("-M must be fp32 or bf16, got '%s'", a->precision);
     return 0;
 }
 
@@ -266,7 +268,7 @@ static int open_log(FILE** log, const char* out_dir, int append) {
 
 static int train_run(int argc, char** argv, const Backend* be) {
     TrainArgs a = {
-        "data/tinyshakespeare/train.bin", "data/tinyshakespeare/val.bin", "out", "", "lstm", "stop",
+        "data/tinyshakespeare/train.bin", "data/tinyshakespeare/val.bin", "out", "", "lstm", "stop", "fp32",
         2, 128, 256, 32, 64, 2000, 200, 500, 0,
         0, 0, 1, 200, 0,
         2e-3f, 0.01f, 1.0f, 1.0f, 0.0f, 1.0f,
@@ -300,6 +302,7 @@ static int train_run(int argc, char** argv, const Backend* be) {
         { 'N', 's', &a.nonfinite, "on a NaN/Inf loss or gradient: stop or skip the step", 0 },
         { 'S', 'l', &a.seed, "seed", 0 },
         { 'P', 'i', &a.threads, "threads (0 = all cores)", 0 },
+        { 'M', 's', &a.precision, "GEMM precision: fp32, or bf16 operands with fp32 sums", 0 },
     };
     int n_flags = sizeof(flags) / sizeof(flags[0]);
     int status = parse_flags(flags, n_flags, argc, argv);
@@ -352,7 +355,9 @@ static int train_run(int argc, char** argv, const Backend* be) {
                 if (given(flags, n_flags, 'C')) TRY(fail("%s was trained with -C %d; resuming needs the same -C", ck_path, ck.carry));
                 a.carry = ck.carry;
             }
-            if (!given(flags, n_flags, 'p')) a.dropout = ck.dropout;   // -p may change it; unsaid, it carries on
+            // -p and -M may change what the checkpoint trained with; unsaid, it carries on
+            if (!given(flags, n_flags, 'p')) a.dropout = ck.opts.dropout;
+            if (!given(flags, n_flags, 'M')) a.precision = ck.opts.bf16 ? "bf16" : "fp32";
             TRY(check_args(&a));   // what came from the file obeys the same limits as flags
             cfg = k;
             start_step = ck.step;
@@ -376,7 +381,8 @@ static int train_run(int argc, char** argv, const Backend* be) {
         if (lead) { h_all = (float*)alloc_floats(lbh * dist.size); c_all = (float*)alloc_floats(lbh * dist.size); }
         inputs = (int*)malloc(bt * sizeof(int)); targets = (int*)malloc(bt * sizeof(int));
         TRY(params && m && v && h && c && (!lead || (h_all && c_all)) && inputs && targets ? 0 : fail("out of memory"));
-        run = be->create(cfg, local_B, a.T, a.dropout);
+        TrainOptions opts = { a.dropout, strcmp(a.precision, "bf16") == 0 };
+        run = be->create(cfg, local_B, a.T, &opts);
         TRY(run ? 0 : -1);
         if (a.resume[0]) {
             // every rank read the same file, and takes its own streams' states from it
@@ -458,7 +464,7 @@ static int train_run(int argc, char** argv, const Backend* be) {
                               "stopping without saving (the last checkpoint in %s is intact)", step + 1, a.out_dir));
                 dist_gather_streams(h_all, h, cfg.n_layers, local_B, cfg.hidden_size);
                 dist_gather_streams(c_all, c, cfg.n_layers, local_B, cfg.hidden_size);
-                k.config = cfg; k.B = a.B; k.T = a.T; k.step = step + 1; k.carry = a.carry; k.dropout = a.dropout;
+                k.config = cfg; k.B = a.B; k.T = a.T; k.step = step + 1; k.carry = a.carry; k.opts = opts;
                 memcpy(k.vocab, train.vocab, 256);
                 k.params = params; k.m = m; k.v = v; k.h = h_all; k.c = c_all;
                 k.data_pos = loader.pos;

@@ -182,7 +182,7 @@ static uint32_t crc32_update(uint32_t crc, const unsigned char* p, size_t n) {
 typedef struct {
     Config config;
     int B, T, step, carry, adam_t;
-    float dropout;           // the rate trained with (0 in files that predate it), so a loaded model knows it
+    TrainOptions opts;       // as trained (dropout 0 and fp32 in files that predate them), so a loaded model knows
     unsigned char vocab[256];
     float *params, *m, *v;   // model_num_params(config) each
     int64_t data_pos;
@@ -233,7 +233,8 @@ static void checkpoint_write_fn(Writer* w, const void* arg) {
     header[2] = k->config.cell; header[3] = k->config.vocab_size; header[4] = k->config.embed_size;
     header[5] = k->config.hidden_size; header[6] = k->config.n_layers;
     header[7] = k->B; header[8] = k->T; header[9] = k->step; header[10] = k->carry; header[11] = k->adam_t;
-    memcpy(&header[12], &k->dropout, 4);
+    memcpy(&header[12], &k->opts.dropout, 4);
+    header[13] = k->opts.bf16;
     size_t P = model_num_params(k->config), lbh = (size_t)k->config.n_layers * k->B * k->config.hidden_size;
     writer_put(w, header, sizeof(header));
     writer_put(w, k->vocab, 256);
@@ -258,12 +259,16 @@ static int checkpoint_parse(Checkpoint* k, const char* path) {
     const int32_t* h = (const int32_t*)blob_take(b, 64 * 4, "header");
     if (!h) return -1;
     if (h[0] != CKPT_MAGIC) return fail("%s: not a pyrnn checkpoint (bad magic)", path);
-    if (h[1] != CKPT_VERSION) return fail("%s: checkpoint version %d, this build reads version %d", path, h[1], CKPT_VERSION);
-    if (crc32_update(0, b->data, b->size - 4) != stored) return fail("%s: checksum mismatch (corrupted or truncated checkpoint)", path);
+    if (h[1] != CKPT_VERSION)
+        return fail("%s: checkpoint version %d, this build reads version %d", path, h[1], CKPT_VERSION);
+    if (crc32_update(0, b->data, b->size - 4) != stored)
+        return fail("%s: checksum mismatch (corrupted or truncated checkpoint)", path);
     if (config_from_header(&k->config, h + 2, path)) return -1;
     k->B = h[7]; k->T = h[8]; k->step = h[9]; k->carry = h[10]; k->adam_t = h[11];
-    memcpy(&k->dropout, &h[12], 4);
-    if (!(k->dropout >= 0.0f && k->dropout < 1.0f)) return fail("%s: bad dropout rate in header", path);
+    memcpy(&k->opts.dropout, &h[12], 4);
+    k->opts.bf16 = h[13];
+    if (!(k->opts.dropout >= 0.0f && k->opts.dropout < 1.0f)) return fail("%s: bad dropout rate in header", path);
+    if (k->opts.bf16 != 0 && k->opts.bf16 != 1) return fail("%s: bad precision %d in header", path, k->opts.bf16);
     if (k->B < 0 || k->T < 0 || k->step < 0 || k->adam_t < 0) return fail("%s: bad B, T or step in header", path);
     size_t P = model_num_params(k->config), lbh = 0;
     int dims[] = { k->config.n_layers, k->B, k->config.hidden_size };

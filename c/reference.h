@@ -1,5 +1,5 @@
-// Reader for the reference files written by `python -m pyrnn.reference` (docs/formats.md).
-// Include after train_rnn.c; shared by c/test_rnn.c and cuda/test_rnn.cu.
+// Reader for the reference files written by `python -m pyrnn.reference` (docs/formats.md), and the
+// harness's tensor comparison; shared by c/test_rnn.c and cuda/test_rnn.cu.
 #pragma once
 
 #define REFERENCE_MAGIC 20261103
@@ -8,6 +8,7 @@
 typedef struct {
     Config config;
     int B, T, n_steps, seed;
+    int bf16;            // the oracle rounded every matmul's operands to bf16 (header word 11)
     float lr, beta1, beta2, eps, weight_decay, max_grad_norm;
     const int *inputs, *targets;
     const float *h0, *c0, *params, *logits, *loss, *grads, *dh0, *dc0, *h_n, *c_n;
@@ -25,15 +26,18 @@ static int reference_parse(Reference* r, const char* path) {
         return fail("%s: reference version %d, this build reads version %d", path, header[1], REFERENCE_VERSION);
     }
     if (config_from_header(&r->config, header + 2, path)) return -1;
-    r->B = header[7]; r->T = header[8]; r->n_steps = header[9]; r->seed = header[10];
+    r->B = header[7]; r->T = header[8]; r->n_steps = header[9]; r->seed = header[10]; r->bf16 = header[11];
     if (r->B <= 0 || r->T <= 0 || r->n_steps < 0) return fail("%s: bad B, T or steps in header", path);
-    r->lr = hp[0]; r->beta1 = hp[1]; r->beta2 = hp[2]; r->eps = hp[3]; r->weight_decay = hp[4]; r->max_grad_norm = hp[5];
+    if (r->bf16 != 0 && r->bf16 != 1) return fail("%s: bad precision %d in header", path, r->bf16);
+    r->lr = hp[0]; r->beta1 = hp[1]; r->beta2 = hp[2]; r->eps = hp[3]; r->weight_decay = hp[4];
+    r->max_grad_norm = hp[5];
     const Config* c = &r->config;
     size_t bt = 0, lbh = 0, btv = 0;
-    int d_bt[] = { r->B, r->T }, d_lbh[] = { c->n_layers, r->B, c->hidden_size }, d_btv[] = { r->B, r->T, c->vocab_size };
-    if (checked_count(&bt, d_bt, 2, path) || checked_count(&lbh, d_lbh, 3, path) || checked_count(&btv, d_btv, 3, path)) {
+    int d_bt[] = { r->B, r->T }, d_lbh[] = { c->n_layers, r->B, c->hidden_size };
+    int d_btv[] = { r->B, r->T, c->vocab_size };
+    if (checked_count(&bt, d_bt, 2, path) || checked_count(&lbh, d_lbh, 3, path) ||
+        checked_count(&btv, d_btv, 3, path))
         return -1;
-    }
     size_t P = model_num_params(*c), lc = c->cell == CELL_LSTM ? lbh : 0, S = (size_t)r->n_steps;
     struct { const void** dst; size_t n; const char* what; } parts[] = {
         { (const void**)&r->inputs, bt, "inputs" }, { (const void**)&r->targets, bt, "targets" },

@@ -19,7 +19,7 @@ trainer's host side include it so). It also compiles as C++ (cuda/train_rnn.cu),
 */
 #include "common.h"     // errors, allocation, RNG, the cell table, Config and the parameter layout
 #include "fastmath.h"   // exp, sigmoid and tanh without libm, for the gate loops
-#include "matmul.h"     // GEMM micro-kernels sized per ISA, packing, the thread split, parallel sums
+#include "matmul.h"     // the GEMM, the thread split, parallel sums; isa.h: the per-ISA kernels and cells
 #include "fileio.h"     // token files, checkpoints, CRC-32, atomic writes
 #ifndef PYRNN_LIBRARY
 #include "driver.h"     // the trainer: the Backend table, flags and the training loop (dist.h: MPI)
@@ -38,124 +38,6 @@ static void embedding_backward(float* dtable, const float* dx, const int* tokens
     for (long r = 0; r < n; r++) {
         float* row = dtable + (size_t)tokens[r] * E;
         for (int e = 0; e < E; e++) row[e] += dx[r * E + e];
-    }
-}
-
-// ----------------------------------------------------------------------------
-// recurrent cells, one time step, fused over the gates, for batch rows [b0, b1). On entry gx holds
-// W_ih x_t (no bias) and gh holds W_hh h_{t-1} (no bias). Forward writes h_t (and c_t) and keeps
-// what backward needs.
-
-static void rnn_cell_forward(float* h, const float* gx, const float* gh, const float* b_ih,
-                             const float* b_hh, int relu, int b0, int b1, int H) {
-    for (int b = b0; b < b1; b++) {
-        size_t k = (size_t)b * H;   // two loops: tanh inside a branch would keep the loop scalar on AVX2
-        if (relu) {
-            #pragma omp simd
-            for (int j = 0; j < H; j++) { float pre = gx[k + j] + b_ih[j] + gh[k + j] + b_hh[j]; h[k + j] = pre > 0.0f ? pre : 0.0f; }
-        } else {
-            #pragma omp simd
-            for (int j = 0; j < H; j++) h[k + j] = tanh_approx(gx[k + j] + b_ih[j] + gh[k + j] + b_hh[j]);
-        }
-    }
-}
-
-// Backward cells take dL/dh_t as dh (what came back through W_hh) plus dy (what the layer above
-// sent), and leave in dh the part of dL/dh_{t-1} that bypasses W_hh.
-static void rnn_cell_backward(float* dgates, float* dh, const float* dy, const float* h, int relu, int b0, int b1, int H) {
-    for (int b = b0; b < b1; b++)
-        #pragma omp simd
-        for (int j = 0; j < H; j++) {
-            size_t k = (size_t)b * H + j;
-            float d = dh[k] + dy[k];
-            dgates[k] = relu ? (h[k] > 0.0f ? d : 0.0f) : d * (1.0f - h[k] * h[k]);
-            dh[k] = 0.0f;
-        }
-}
-
-// gates: in, W_ih x_t; out, activated i, f, g, o
-static void lstm_cell_forward(float* h, float* c, float* gates, const float* gh, const float* c_prev,
-                              const float* b_ih, const float* b_hh, int b0, int b1, int H) {
-    for (int b = b0; b < b1; b++) {
-        float* g = gates + (size_t)b * 4 * H;
-        const float* r = gh + (size_t)b * 4 * H;
-        #pragma omp simd
-        for (int j = 0; j < H; j++) {
-            float i_ = sigmoidf(g[j] + b_ih[j] + r[j] + b_hh[j]);
-            float f_ = sigmoidf(g[H + j] + b_ih[H + j] + r[H + j] + b_hh[H + j]);
-            float g_ = tanh_approx(g[2 * H + j] + b_ih[2 * H + j] + r[2 * H + j] + b_hh[2 * H + j]);
-            float o_ = sigmoidf(g[3 * H + j] + b_ih[3 * H + j] + r[3 * H + j] + b_hh[3 * H + j]);
-            size_t k = (size_t)b * H + j;
-            float ct = f_ * c_prev[k] + i_ * g_;
-            c[k] = ct;
-            h[k] = o_ * tanh_approx(ct);
-            g[j] = i_; g[H + j] = f_; g[2 * H + j] = g_; g[3 * H + j] = o_;
-        }
-    }
-}
-
-static void lstm_cell_backward(float* dgates, float* dh, float* dc, const float* dy, const float* gates, const float* c,
-                               const float* c_prev, int b0, int b1, int H) {
-    // dc: in, dL/dc_t from step t+1; out, dL/dc_{t-1}
-    for (int b = b0; b < b1; b++) {
-        const float* g = gates + (size_t)b * 4 * H;
-        float* dg = dgates + (size_t)b * 4 * H;
-        #pragma omp simd
-        for (int j = 0; j < H; j++) {
-            size_t k = (size_t)b * H + j;
-            float i_ = g[j], f_ = g[H + j], g_ = g[2 * H + j], o_ = g[3 * H + j];
-            float tc = tanh_approx(c[k]);
-            float d = dh[k] + dy[k];
-            float dct = dc[k] + d * o_ * (1.0f - tc * tc);
-            dg[j] = dct * g_ * i_ * (1.0f - i_);
-            dg[H + j] = dct * c_prev[k] * f_ * (1.0f - f_);
-            dg[2 * H + j] = dct * i_ * (1.0f - g_ * g_);
-            dg[3 * H + j] = d * tc * o_ * (1.0f - o_);
-            dc[k] = dct * f_;
-            dh[k] = 0.0f;
-        }
-    }
-}
-
-// gates: in, W_ih x_t; out, activated r, z, n. hn keeps W_hn h_{t-1} + b_hn, which r multiplies.
-static void gru_cell_forward(float* h, float* gates, float* hn, const float* gh, const float* h_prev,
-                             const float* b_ih, const float* b_hh, int b0, int b1, int H) {
-    for (int b = b0; b < b1; b++) {
-        float* g = gates + (size_t)b * 3 * H;
-        const float* r = gh + (size_t)b * 3 * H;
-        #pragma omp simd
-        for (int j = 0; j < H; j++) {
-            size_t k = (size_t)b * H + j;
-            float r_ = sigmoidf(g[j] + b_ih[j] + r[j] + b_hh[j]);
-            float z_ = sigmoidf(g[H + j] + b_ih[H + j] + r[H + j] + b_hh[H + j]);
-            float hn_ = r[2 * H + j] + b_hh[2 * H + j];
-            float n_ = tanh_approx(g[2 * H + j] + b_ih[2 * H + j] + r_ * hn_);
-            h[k] = (1.0f - z_) * n_ + z_ * h_prev[k];
-            g[j] = r_; g[H + j] = z_; g[2 * H + j] = n_;
-            hn[k] = hn_;
-        }
-    }
-}
-
-static void gru_cell_backward(float* dgates, float* dgates_h, float* dh, const float* dy, const float* gates,
-                              const float* hn, const float* h_prev, int b0, int b1, int H) {
-    // dgates_h differs from dgates only in the n block: r scales W_hn h + b_hn
-    for (int b = b0; b < b1; b++) {
-        const float* g = gates + (size_t)b * 3 * H;
-        float* dg = dgates + (size_t)b * 3 * H;
-        float* dgh = dgates_h + (size_t)b * 3 * H;
-        #pragma omp simd
-        for (int j = 0; j < H; j++) {
-            size_t k = (size_t)b * H + j;
-            float r_ = g[j], z_ = g[H + j], n_ = g[2 * H + j];
-            float d = dh[k] + dy[k];
-            float dn = d * (1.0f - z_) * (1.0f - n_ * n_);
-            float dr = dn * hn[k] * r_ * (1.0f - r_);
-            float dz = d * (h_prev[k] - n_) * z_ * (1.0f - z_);
-            dg[j] = dr; dg[H + j] = dz; dg[2 * H + j] = dn;
-            dgh[j] = dr; dgh[H + j] = dz; dgh[2 * H + j] = dn * r_;
-            dh[k] = d * z_;
-        }
     }
 }
 
@@ -200,7 +82,7 @@ typedef struct {
     uint64_t* rng;       // the owner's generator: one draw per pass that drops, the key of its masks
     uint64_t drop_key;   // the last pass's
     int first_stream;    // global index of batch row 0 (a data-parallel rank's first stream)
-    MatmulScratch* mm;   // the owner's GEMM scratch
+    Matmul* mm;          // the owner's GEMM context: its kernels (ISA, precision) and scratch
     // per-layer pointer tables into the parameter and gradient buffers
     float **w_ih, **w_hh, **b_ih, **b_hh;
     float **dw_ih, **dw_hh, **db_ih, **db_hh;
@@ -276,7 +158,9 @@ static int lookup_pays(size_t rows, size_t V) { return V > 0 && rows >= V; }
 // and one GEMM over all T steps goes first). Forward and backward each decide once, outside their
 // parallel region: inside it the thread count may read differently (OMP_NUM_THREADS=1,8).
 static int looks_up(const Stack* s, int l) { return l == 0 && s->tokens; }
-static int projects_per_step(const Stack* s, int l) { return !looks_up(s, l) && s->B >= MR * omp_get_max_threads(); }
+static int projects_per_step(const Stack* s, int l) {
+    return !looks_up(s, l) && s->B >= s->mm->k->mr * omp_get_max_threads();
+}
 
 static void stack_free(Stack* s) {
     float*** tables[] = { &s->w_ih, &s->w_hh, &s->b_ih, &s->b_hh, &s->dw_ih, &s->dw_hh, &s->db_ih, &s->db_hh,
@@ -320,7 +204,7 @@ static int stack_reserve(Stack* s, int B, int T) {
         s->max_bt = s->max_b = 0;   // recorded only once everything below succeeded
         if (!s->acts_memory) return fail("out of memory for activations (B=%d T=%d)", B, T);
         free(s->w_packed);
-        size_t fwd = packed_b_size(H, (int)GH), bwd = packed_b_size((int)GH, H);   // W_hh^T, then W_hh
+        size_t fwd = packed_b_size(s->mm->k, H, (int)GH), bwd = packed_b_size(s->mm->k, (int)GH, H);   // W_hh^T, then W_hh
         s->w_packed = (float*)alloc_floats(fwd > bwd ? fwd : bwd);
         if (!s->w_packed) return fail("out of memory for packed weights");
         free(s->token_slot);
@@ -405,13 +289,14 @@ static void project_inputs_forward(Stack* s, int l, int per_step, ProjPhase phas
     float* gx = s->gates[l] + (size_t)t * B * GH;
     if (phase == PROJ_BEFORE) {
         if (lookup) matmul(s->mm, s->proj, s->table, in, 1, s->w_ih[0], 1, in, s->table_rows, GH, in, 0);
-        else if (per_step) pack_b(s->mm->b, s->w_ih[l], in, GH, 1, in);
+        else if (per_step) pack_b(s->mm->k, s->mm->b, s->w_ih[l], in, GH, 1, in);
         else matmul(s->mm, gx, s->xin[l], in, 1, s->w_ih[l], 1, in, B * s->T, GH, in, 0);
     } else if (phase == PROJ_STEP && lookup) {
         for (int b = b0; b < b1; b++)
             memcpy(gx + (size_t)b * GH, s->proj + (size_t)s->tokens[(size_t)t * B + b] * GH, GH * sizeof(float));
     } else if (phase == PROJ_STEP && per_step) {
-        matmul_packed_rows(gx + (size_t)b0 * GH, GH, s->xin[l] + ((size_t)t * B + b0) * in, in, s->mm->b, b1 - b0, GH, in, 0);
+        s->mm->k->gemm_rows(gx + (size_t)b0 * GH, GH, s->xin[l] + ((size_t)t * B + b0) * in, in, s->mm->b, b1 - b0,
+                            GH, in, 0);
     }
 }
 
@@ -421,10 +306,11 @@ static void project_inputs_backward(Stack* s, int l, int per_step, float* dxin, 
     long bt = (long)B * s->T;
     int lookup = looks_up(s, l);
     if (phase == PROJ_BEFORE && per_step) {
-        pack_b(s->mm->b, s->w_ih[l], GH, in, in, 1);
+        pack_b(s->mm->k, s->mm->b, s->w_ih[l], GH, in, in, 1);
     } else if (phase == PROJ_STEP && per_step) {
         const float* dg = s->dgates + (size_t)t * B * GH;
-        matmul_packed_rows(dxin + ((size_t)t * B + b0) * in, in, dg + (size_t)b0 * GH, GH, s->mm->b, b1 - b0, in, GH, 0);
+        s->mm->k->gemm_rows(dxin + ((size_t)t * B + b0) * in, in, dg + (size_t)b0 * GH, GH, s->mm->b, b1 - b0, in,
+                            GH, 0);
     } else if (phase == PROJ_AFTER && lookup) {
         input_projection_lookup_backward(s);
     } else if (phase == PROJ_AFTER) {
@@ -445,12 +331,13 @@ static int next_run(int* on, const Stack* s, int t, int r0, int end) {
 
 static void layer_forward(Stack* s, int l) {
     int B = s->B, T = s->T, H = s->hidden_size, GH = cell_gates(s->cell) * H;
-    size_t bh = (size_t)B * H;
-    float* h = s->h[l];
-    float* gates = s->gates[l];
+    size_t bh = (size_t)B * H, rows_bytes;
+    const Kernels* k = s->mm->k;
+    float *h = s->h[l], *c = s->c[l], *gates = s->gates[l];
+    const float *b_ih = s->b_ih[l], *b_hh = s->b_hh[l];
     int per_step = projects_per_step(s, l);
     project_inputs_forward(s, l, per_step, PROJ_BEFORE, 0, 0, 0);
-    pack_b(s->w_packed, s->w_hh[l], H, GH, 1, H);
+    pack_b(k, s->w_packed, s->w_hh[l], H, GH, 1, H);
     // batch rows never interact in the recurrence: each thread runs all T steps for its own rows,
     // with no barrier inside the loop (a barrier per step dominated small models)
     #pragma omp parallel if ((long)B * GH * H > PAR_MIN_WORK)
@@ -458,27 +345,24 @@ static void layer_forward(Stack* s, int l) {
         int b0, b1;
         thread_rows(&b0, &b1, B);
         for (int t = 0; t < T && b1 > b0; t++) {
-            float* gx = gates + (size_t)t * B * GH;
+            float *gx = gates + (size_t)t * B * GH, *h_prev = h + t * bh, *h_t = h + (t + 1) * bh;
             project_inputs_forward(s, l, per_step, PROJ_STEP, t, b0, b1);
-            matmul_packed_rows(s->gh + (size_t)b0 * GH, GH, h + t * bh + (size_t)b0 * H, H, s->w_packed, b1 - b0, GH, H, 0);
+            k->gemm_rows(s->gh + (size_t)b0 * GH, GH, h_prev + (size_t)b0 * H, H, s->w_packed, b1 - b0, GH, H, 0);
             for (int r0 = b0, r1, on; r0 < b1; r0 = r1) {   // runs of rows whose sequence goes on, or has ended
                 r1 = next_run(&on, s, t, r0, b1);
                 if (!on) {   // an ended sequence holds its state, so h_n is the state at its last step
-                    memcpy(h + (t + 1) * bh + (size_t)r0 * H, h + t * bh + (size_t)r0 * H, (size_t)(r1 - r0) * H * sizeof(float));
-                    if (s->cell == CELL_LSTM)
-                        memcpy(s->c[l] + (t + 1) * bh + (size_t)r0 * H, s->c[l] + t * bh + (size_t)r0 * H,
-                               (size_t)(r1 - r0) * H * sizeof(float));
+                    rows_bytes = (size_t)(r1 - r0) * H * sizeof(float);
+                    memcpy(h_t + (size_t)r0 * H, h_prev + (size_t)r0 * H, rows_bytes);
+                    if (c) memcpy(c + (t + 1) * bh + (size_t)r0 * H, c + t * bh + (size_t)r0 * H, rows_bytes);
                     continue;
                 }
                 switch (s->cell) {
                 case CELL_RNN: case CELL_RNN_RELU:
-                    rnn_cell_forward(h + (t + 1) * bh, gx, s->gh, s->b_ih[l], s->b_hh[l], s->cell == CELL_RNN_RELU, r0, r1, H); break;
+                    k->rnn_forward(h_t, gx, s->gh, b_ih, b_hh, s->cell == CELL_RNN_RELU, r0, r1, H); break;
                 case CELL_LSTM:
-                    lstm_cell_forward(h + (t + 1) * bh, s->c[l] + (t + 1) * bh, gx, s->gh, s->c[l] + t * bh,
-                                      s->b_ih[l], s->b_hh[l], r0, r1, H); break;
+                    k->lstm_forward(h_t, c + (t + 1) * bh, gx, s->gh, c + t * bh, b_ih, b_hh, r0, r1, H); break;
                 case CELL_GRU:
-                    gru_cell_forward(h + (t + 1) * bh, gx, s->hn[l] + t * bh, s->gh, h + t * bh,
-                                     s->b_ih[l], s->b_hh[l], r0, r1, H); break;
+                    k->gru_forward(h_t, gx, s->hn[l] + t * bh, s->gh, h_prev, b_ih, b_hh, r0, r1, H); break;
                 }
             }
         }
@@ -499,15 +383,16 @@ static void bias_backward(Stack* s, int l) {
 }
 
 // dy holds dL/d(output of layer l); writes dL/d(input of layer l) to dxin
-static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0, const float* dh_n, const float* dc_n) {
+static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0, const float* dh_n,
+                           const float* dc_n) {
     int B = s->B, T = s->T, H = s->hidden_size, GH = cell_gates(s->cell) * H;
     size_t bh = (size_t)B * H, bt = (size_t)B * T;
-    const float* h = s->h[l];
-    float* dh = s->dh;
-    float* dc = s->dc;
+    const Kernels* k = s->mm->k;
+    const float *h = s->h[l], *c = s->c[l];
+    float *dh = s->dh, *dc = s->dc;
     if (dh_n) memcpy(dh, dh_n, bh * sizeof(float)); else memset(dh, 0, bh * sizeof(float));
-    if (s->cell == CELL_LSTM) { if (dc_n) memcpy(dc, dc_n, bh * sizeof(float)); else memset(dc, 0, bh * sizeof(float)); }
-    pack_b(s->w_packed, s->w_hh[l], GH, H, H, 1);
+    if (c) { if (dc_n) memcpy(dc, dc_n, bh * sizeof(float)); else memset(dc, 0, bh * sizeof(float)); }
+    pack_b(k, s->w_packed, s->w_hh[l], GH, H, H, 1);
     int per_step = projects_per_step(s, l);
     project_inputs_backward(s, l, per_step, dxin, PROJ_BEFORE, 0, 0, 0);
     #pragma omp parallel if ((long)B * GH * H > PAR_MIN_WORK)
@@ -528,14 +413,14 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
                 }
                 switch (s->cell) {
                 case CELL_RNN: case CELL_RNN_RELU:
-                    rnn_cell_backward(dg, dh, dy_t, h + (t + 1) * bh, s->cell == CELL_RNN_RELU, r0, r1, H); break;
+                    k->rnn_backward(dg, dh, dy_t, h + (t + 1) * bh, s->cell == CELL_RNN_RELU, r0, r1, H); break;
                 case CELL_LSTM:
-                    lstm_cell_backward(dg, dh, dc, dy_t, g, s->c[l] + (t + 1) * bh, s->c[l] + t * bh, r0, r1, H); break;
+                    k->lstm_backward(dg, dh, dc, dy_t, g, c + (t + 1) * bh, c + t * bh, r0, r1, H); break;
                 case CELL_GRU:
-                    gru_cell_backward(dg, dgh, dh, dy_t, g, s->hn[l] + t * bh, h + t * bh, r0, r1, H); break;
+                    k->gru_backward(dg, dgh, dh, dy_t, g, s->hn[l] + t * bh, h + t * bh, r0, r1, H); break;
                 }
             }
-            matmul_packed_rows(dh + (size_t)b0 * H, H, dgh + (size_t)b0 * GH, GH, s->w_packed, b1 - b0, H, GH, 1);
+            k->gemm_rows(dh + (size_t)b0 * H, H, dgh + (size_t)b0 * GH, GH, s->w_packed, b1 - b0, H, GH, 1);
             project_inputs_backward(s, l, per_step, dxin, PROJ_STEP, t, b0, b1);
         }
     }
@@ -544,7 +429,7 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
     project_inputs_backward(s, l, per_step, dxin, PROJ_AFTER, 0, 0, 0);
     if (s->has_bias) bias_backward(s, l);
     if (dh0) memcpy(dh0, dh, bh * sizeof(float));
-    if (dc0 && s->cell == CELL_LSTM) memcpy(dc0, dc, bh * sizeof(float));
+    if (dc0 && c) memcpy(dc0, dc, bh * sizeof(float));
 }
 
 // x: (T, B, input_size), taken as layer 0's input by pointer (must stay alive until backward);
@@ -602,13 +487,13 @@ typedef struct {
     size_t x_cap;
     int* lengths;        // copy of the last forward's sequence lengths (B), or NULL
     size_t lengths_cap;
-    MatmulScratch mm;
+    Matmul mm;
 } Layer;
 
 void layer_free(Layer* m) {
     if (!m) return;
     stack_free(&m->s);
-    matmul_scratch_free(&m->mm);
+    matmul_free(&m->mm);
     free(m->params); free(m->grads); free(m->x); free(m->lengths);
     free(m);
 }
@@ -620,14 +505,18 @@ Layer* layer_new(int cell, int input_size, int hidden_size, int n_layers, int ha
     m->num_params = stack_num_params(cell, input_size, hidden_size, n_layers, has_bias);
     m->params = (float*)alloc_floats(m->num_params);
     m->grads = (float*)alloc_floats(m->num_params);
-    if (!m->params || !m->grads || !stack_init(&m->s, cell, input_size, hidden_size, n_layers, has_bias, m->params, m->grads)) {
-        if (m->params && m->grads) fail("out of memory");
+    if (!m->params || !m->grads) { fail("out of memory"); layer_free(m); return NULL; }
+    if (matmul_init(&m->mm) ||
+        !stack_init(&m->s, cell, input_size, hidden_size, n_layers, has_bias, m->params, m->grads)) {
         layer_free(m);
         return NULL;
     }
     m->s.mm = &m->mm;
     return m;
 }
+
+// bf16 (1) or fp32 (0) GEMM operands from the next forward on
+void layer_set_bf16(Layer* m, int bf16) { matmul_set_bf16(&m->mm, bf16); }
 
 // rows t >= lengths[b] of a (T, B, width) block, zeroed: what a packed sequence holds past its end
 static void zero_past_lengths(float* y, const int* lengths, int B, int T, int width) {
@@ -698,7 +587,7 @@ typedef struct {
     int adam_t;
     float *emb, *head_w, *head_b, *demb, *dhead_w, *dhead_b;
     Stack rnn;
-    MatmulScratch mm;
+    Matmul mm;
     float dropout;       // between layers and before the head, while training
     uint64_t rng;
     // activations of the last forward
@@ -716,7 +605,7 @@ typedef struct {
 void model_free(Model* m) {
     if (!m) return;
     stack_free(&m->rnn);
-    matmul_scratch_free(&m->mm);
+    matmul_free(&m->mm);
     free(m->params); free(m->grads); free(m->m); free(m->v);
     free(m->acts_memory); free(m->inputs); free(m->targets);
     free(m);
@@ -731,6 +620,7 @@ Model* model_new(Config c) {
     m->params = (float*)alloc_floats(m->num_params);
     m->grads = (float*)alloc_floats(m->num_params);
     if (!m->params || !m->grads) { fail("out of memory for %zu parameters", m->num_params); model_free(m); return NULL; }
+    if (matmul_init(&m->mm)) { model_free(m); return NULL; }
     // the layout's offsets (common.h): embedding, the stack from rnn.weight_ih_l0 on, head
     size_t off[4], numel;
     int where[4] = { 0, 1, model_tensor_count(&c) - 2, model_tensor_count(&c) - 1 };
@@ -762,6 +652,9 @@ void model_init(Model* m, uint64_t seed) {
     if (m->m) memset(m->m, 0, m->num_params * sizeof(float));
     if (m->v) memset(m->v, 0, m->num_params * sizeof(float));
 }
+
+// bf16 (1) or fp32 (0) GEMM operands from the next forward on; parameters and state stay fp32
+void model_set_bf16(Model* m, int bf16) { matmul_set_bf16(&m->mm, bf16); }
 
 void model_set_training(Model* m, int training, float dropout) {
     m->rnn.training = training;
@@ -990,7 +883,7 @@ int model_sample(Model* m, int* out, const int* prime, int n_prime, int n, float
 // after the backward pass of optimizer step N (1-based; the training step when none was skipped),
 // once per process, so tests can reach the non-finite-gradient path (-N stop / skip); set on one rank
 // only, it poisons that rank's gradient before the ranks average it. Unset: no effect.
-typedef struct { Model* m; float *h, *c; int B, T; int fault_nan_step; } CpuRun;
+typedef struct { Model* m; float *h, *c; int B, T; int fault_nan_step; char about[64]; } CpuRun;
 
 static void cpu_destroy(void* self) {
     CpuRun* r = (CpuRun*)self;
@@ -998,7 +891,7 @@ static void cpu_destroy(void* self) {
     model_free(r->m); free(r->h); free(r->c); free(r);
 }
 
-static void* cpu_create(Config c, int B, int T, float dropout) {
+static void* cpu_create(Config c, int B, int T, const TrainOptions* opts) {
     CpuRun* r = (CpuRun*)calloc(1, sizeof(CpuRun));
     if (!r) { fail("out of memory"); return NULL; }
     size_t lbh = (size_t)c.n_layers * B * c.hidden_size;
@@ -1007,14 +900,20 @@ static void* cpu_create(Config c, int B, int T, float dropout) {
     r->c = (float*)alloc_floats(lbh);
     r->B = B; r->T = T;
     if (!r->m || !r->h || !r->c || model_adam_alloc(r->m)) { if (r->m) fail("out of memory"); cpu_destroy(r); return NULL; }
-    model_set_training(r->m, 1, dropout);   // the dropout generator's state arrives with set_params or init
+    model_set_training(r->m, 1, opts->dropout);   // the dropout generator's state arrives with set_params or init
+    model_set_bf16(r->m, opts->bf16);
     r->m->rnn.first_stream = dist_first_stream(B);   // masks follow the global stream
     const char* fault = getenv("PYRNN_FAULT_NAN_GRAD_STEP");
     r->fault_nan_step = fault ? atoi(fault) : 0;
     return r;
 }
 
-static const char* cpu_about(void* self) { (void)self; return PYRNN_ISA " kernels"; }
+static const char* cpu_about(void* self) {
+    const Kernels* k = ((CpuRun*)self)->m->mm.k;
+    snprintf(((CpuRun*)self)->about, sizeof(((CpuRun*)self)->about), "%s kernels%s", k->isa,
+             strcmp(k->precision, "bf16") ? "" : k->bf16_native ? ", bf16" : ", bf16 emulated");
+    return ((CpuRun*)self)->about;
+}
 
 static int cpu_init(void* self, uint64_t seed) { model_init(((CpuRun*)self)->m, seed); return 0; }
 

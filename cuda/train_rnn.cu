@@ -1006,7 +1006,12 @@ static int gpu_set_params(GpuLM* g, const float* params, const float* m, const f
 static int gpu_math_tf32 = 0;                // --math tf32
 static int gpu_rnn_algo = GPU_ALGO_AUTO;     // --cudnn-algo, else $PYRNN_CUDNN_ALGO, else auto
 
-static void* gb_create(Config c, int B, int T, float dropout) {
+static void* gb_create(Config c, int B, int T, const TrainOptions* opts) {
+    float dropout = opts->dropout;
+    if (opts->bf16) {
+        fail("-M bf16 is a CPU precision; on the GPU, --math tf32 runs the tensor cores");
+        return NULL;
+    }
     if (dropout > 0.0f && dist.size > 1) {   // the CPU's counter-based masks follow the global stream; cuDNN's do not
         fail("-p %g on %d GPU ranks: cuDNN's dropout masks depend on the rank, so the run would not train what one "
              "process trains; use -p 0 with train_gpu_mpi", dropout, dist.size);

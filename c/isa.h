@@ -1,0 +1,218 @@
+// isa.h: which kernels a model runs. One build holds the kernels (kernels.h) of every instruction set
+// the compiler can target, each compiled under its own target pragma; a model takes the set this CPU
+// runs best (CPUID on x86, the kernel's HWCAP on aarch64) unless PYRNN_ISA or pyrnn_set_isa names one.
+//   x86-64:  sse2 (the baseline), avx2 (AVX2 + FMA, x86-64-v3), avx512 (x86-64-v4), avx512bf16 (+ VDPBF16PS)
+//   aarch64: neon
+// A build for one CPU (-DPYRNN_ONE_ISA, which the Makefile's ARCH= and PYRNN_ARCH add with their -march,
+// or any -march with AVX) holds only the set its flags select; so does the GPU trainer's C++ host side.
+#pragma once
+#include "common.h"
+#include "cells.h"
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+
+#define KC 256   // rows of op(B) in one packed k-block, the same for every ISA
+
+// the kernels of one ISA in one precision; a model holds a pointer to its set
+typedef struct {
+    const char* isa;          // "avx2"
+    const char* precision;    // "fp32" or "bf16"
+    int mr, nr;               // the register tile: rows of A, columns of a packed panel of B
+    int bf16_native;          // bf16 products in hardware (else emulated, to the same results)
+    // bp <- op(B) (K x N, row and column strides rs, cs) in this set's packed panels; by a team or not
+    void (*pack_b)(float* bp, const float* b, int K, int N, long rs, long cs);
+    // C (M x N, row stride ldc) (+)= op(A) * packed op(B): by every thread of a team; on one thread
+    void (*gemm_team)(float* c, long ldc, const float* a, long a_rs, long a_cs, const float* bp, int M, int N,
+                      int K, int accumulate);
+    void (*gemm_rows)(float* c, long ldc, const float* a, long a_rs, const float* bp, int M, int N, int K,
+                      int accumulate);
+    // the cells (cells.h) for batch rows [b0, b1)
+    void (*rnn_forward)(float* h, const float* gx, const float* gh, const float* b_ih, const float* b_hh,
+                        int relu, int b0, int b1, int H);
+    void (*rnn_backward)(float* dgates, float* dh, const float* dy, const float* h, int relu, int b0, int b1, int H);
+    void (*lstm_forward)(float* h, float* c, float* gates, const float* gh, const float* c_prev,
+                         const float* b_ih, const float* b_hh, int b0, int b1, int H);
+    void (*lstm_backward)(float* dgates, float* dh, float* dc, const float* dy, const float* gates, const float* c,
+                          const float* c_prev, int b0, int b1, int H);
+    void (*gru_forward)(float* h, float* gates, float* hn, const float* gh, const float* h_prev,
+                        const float* b_ih, const float* b_hh, int b0, int b1, int H);
+    void (*gru_backward)(float* dgates, float* dgates_h, float* dh, const float* dy, const float* gates,
+                         const float* hn, const float* h_prev, int b0, int b1, int H);
+} Kernels;
+
+// x rounded to bf16, to nearest even (NaN stays NaN): the high 16 bits of its fp32 pattern
+static inline uint32_t bf16_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof(u));
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u >> 16) | 0x40u;
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+// ----------------------------------------------------------------------------
+// the kernel sets this build holds, widest last
+
+// (a build whose own flags already reach AVX targets one CPU: it holds that CPU's set alone)
+#if !defined(PYRNN_ONE_ISA) && !defined(__CUDACC__) && defined(__GNUC__) && !defined(__clang__) && \
+    defined(__x86_64__) && !defined(__AVX__)
+#define KERNEL_ISA sse2
+#define KERNEL_NAME "sse2"
+#define VEC_FLOATS 4
+#define MR 6
+#define BF16_NATIVE 0
+#include "kernels.h"
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+#define KERNEL_ISA avx2
+#define KERNEL_NAME "avx2"
+#define VEC_FLOATS 8
+#define MR 6
+#define BF16_NATIVE 0
+#include "kernels.h"
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+#define KERNEL_ISA avx512
+#define KERNEL_NAME "avx512"
+#define VEC_FLOATS 16
+#define MR 8
+#define BF16_NATIVE 0
+#include "kernels.h"
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4,avx512bf16")
+#define KERNEL_ISA avx512bf16
+#define KERNEL_NAME "avx512bf16"
+#define VEC_FLOATS 16
+#define MR 8
+#define BF16_NATIVE 1
+#include "kernels.h"
+#pragma GCC pop_options
+
+static int cpu_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+static int cpu_avx512(void) {
+    return cpu_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512cd");
+}
+static int cpu_avx512bf16(void) { return cpu_avx512() && __builtin_cpu_supports("avx512bf16"); }
+static int cpu_any(void) { return 1; }
+#define KERNEL_SETS \
+    { "sse2", cpu_any, &kernels_fp32_sse2, &kernels_bf16_sse2 }, \
+    { "avx2", cpu_avx2, &kernels_fp32_avx2, &kernels_bf16_avx2 }, \
+    { "avx512", cpu_avx512, &kernels_fp32_avx512, &kernels_bf16_avx512 }, \
+    { "avx512bf16", cpu_avx512bf16, &kernels_fp32_avx512bf16, &kernels_bf16_avx512bf16 },
+
+#else   // one set: the one the compiler's own flags select
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define ONE_ISA_NAME "avx512bf16"
+#define VEC_FLOATS 16
+#define MR 8
+#define BF16_NATIVE 1
+#elif defined(__AVX512F__)
+#define ONE_ISA_NAME "avx512"
+#define VEC_FLOATS 16
+#define MR 8
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ONE_ISA_NAME "avx2"
+#define VEC_FLOATS 8
+#define MR 6
+#elif defined(__ARM_NEON)
+#define ONE_ISA_NAME "neon"
+#define VEC_FLOATS 4
+#define MR 8
+#elif defined(__SSE2__)
+#define ONE_ISA_NAME "sse2"
+#define VEC_FLOATS 4
+#define MR 6
+#else
+#define ONE_ISA_NAME "portable"
+#define VEC_FLOATS 4
+#define MR 6
+#endif
+#ifndef BF16_NATIVE
+#define BF16_NATIVE 0
+#endif
+#define KERNEL_ISA one
+#define KERNEL_NAME ONE_ISA_NAME
+#include "kernels.h"
+static int cpu_any(void) { return 1; }
+#define KERNEL_SETS { ONE_ISA_NAME, cpu_any, &kernels_fp32_one, &kernels_bf16_one },
+#endif
+
+typedef struct { const char* name; int (*cpu_runs)(void); const Kernels* fp32; const Kernels* bf16; } KernelSet;
+static const KernelSet kernel_sets[] = { KERNEL_SETS };
+enum { N_KERNEL_SETS = sizeof(kernel_sets) / sizeof(kernel_sets[0]) };
+
+// ----------------------------------------------------------------------------
+// the choice: made once when the library loads (PYRNN_ISA, else the widest set this CPU runs), or
+// again by pyrnn_set_isa; each model keeps the set it was made with
+
+static const KernelSet* kernel_choice;
+static char kernel_choice_error[512];
+
+// "sse2, avx2, avx512, avx512bf16": the sets this build holds (cpu_only: those this CPU runs)
+static void kernel_set_names(char* out, size_t size, int cpu_only) {
+    out[0] = 0;
+    for (int i = 0; i < N_KERNEL_SETS; i++)
+        if (!cpu_only || kernel_sets[i].cpu_runs())
+            snprintf(out + strlen(out), size - strlen(out), "%s%s", out[0] ? ", " : "", kernel_sets[i].name);
+}
+
+// name NULL or "": the widest set this CPU runs
+static int kernel_choose(const char* name) {
+    char built[128], runs[128];
+    kernel_set_names(built, sizeof(built), 0);
+    kernel_set_names(runs, sizeof(runs), 1);
+    for (int i = N_KERNEL_SETS - 1; i >= 0; i--) {
+        const KernelSet* k = &kernel_sets[i];
+        if (name && *name && strcmp(name, k->name) != 0) continue;
+        if (!k->cpu_runs()) {
+            if (!name || !*name) continue;
+            snprintf(kernel_choice_error, sizeof(kernel_choice_error),
+                     "PYRNN_ISA=%s: this CPU cannot run the %s kernels (it runs %s)", name, name, runs);
+            return fail("%s", kernel_choice_error);
+        }
+        kernel_choice = k;
+        kernel_choice_error[0] = 0;
+        return 0;
+    }
+    snprintf(kernel_choice_error, sizeof(kernel_choice_error),
+             "PYRNN_ISA=%s: unknown kernel set (this build holds %s; this CPU runs %s)", name, built, runs);
+    return fail("%s", kernel_choice_error);
+}
+
+__attribute__((constructor)) static void kernel_choose_at_load(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();   // constructors may run before libgcc's own, which fills what cpu_supports reads
+#endif
+    kernel_choose(getenv("PYRNN_ISA"));
+}
+
+// the set a new model takes
+static const KernelSet* kernel_set_chosen(void) {
+    if (!kernel_choice) fail("%s", kernel_choice_error);
+    return kernel_choice;
+}
+
+// the set new models take ("avx2"), or NULL with the reason in pyrnn_last_error
+const char* pyrnn_isa(void) {
+    if (!kernel_choice) { fail("%s", kernel_choice_error); return NULL; }
+    return kernel_choice->name;
+}
+
+// models made from now on take this set (NULL or "": the widest this CPU runs); -1 if it cannot
+int pyrnn_set_isa(const char* name) { return kernel_choose(name); }
+
+// the sets this build holds, and those this CPU runs
+const char* pyrnn_isa_list(int cpu_only) {
+    static __thread char names[128];
+    kernel_set_names(names, sizeof(names), cpu_only);
+    return names;
+}
