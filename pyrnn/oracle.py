@@ -272,15 +272,30 @@ def _step_backward(cell, sc, dh, dc):
     raise ValueError(cell)
 
 
-def _layer_forward(cell, W_ih, W_hh, b_ih, b_hh, x, h, c, reverse=False, active=None):
+def bf16_round(a):
+    """a rounded to bfloat16, to nearest even (NaN stays NaN), in a's dtype: C's bf16_bits."""
+    a = np.asarray(a)
+    f = a.astype(np.float32)
+    u = f.view(np.uint32).astype(np.uint64)
+    r = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(f), f, r).astype(a.dtype)
+
+
+def _mm(a, b, bf16):
+    """a @ b; in bf16 mode of operands rounded to bfloat16 first (products in full precision), as
+    every matmul of the C model's bf16 precision."""
+    return bf16_round(a) @ bf16_round(b) if bf16 else a @ b
+
+
+def _layer_forward(cell, W_ih, W_hh, b_ih, b_hh, x, h, c, reverse=False, active=None, bf16=False):
     """One direction of one layer. reverse runs t = T-1 .. 0. active (T, B) bool or None: where
     False a sequence has ended, so its state holds and its output is 0 (packed-sequence rules;
     the reverse direction then starts at each sequence's own last step)."""
     T = x.shape[0]
     outs, steps = [None] * T, [None] * T
     for t in (reversed(range(T)) if reverse else range(T)):
-        gi = x[t] @ W_ih.T
-        gh = h @ W_hh.T
+        gi = _mm(x[t], W_ih.T, bf16)
+        gh = _mm(h, W_hh.T, bf16)
         if b_ih is not None:
             gi = gi + b_ih
             gh = gh + b_hh
@@ -297,9 +312,12 @@ def _layer_forward(cell, W_ih, W_hh, b_ih, b_hh, x, h, c, reverse=False, active=
     return np.stack(outs), h, c, steps
 
 
-def _layer_backward(cell, W_ih, W_hh, has_bias, x, steps, dout, dh, dc, reverse=False, active=None):
+def _layer_backward(cell, W_ih, W_hh, has_bias, x, steps, dout, dh, dc, reverse=False, active=None, bf16=False,
+                    by_token=False):
     """BPTT through one direction of one layer (see _layer_forward). dout: (T,B,H) grads on the
-    outputs; dh, dc: grads on the final states. Returns dx, dh0, dc0, and the four parameter grads."""
+    outputs; dh, dc: grads on the final states. Returns dx, dh0, dc0, and the four parameter grads.
+    by_token: the caller takes the input projection's gradients from the gate gradients itself
+    (lm_backward in bf16), so dW_ih stays zero and dx holds those gate gradients (T, B, G*H)."""
     T = x.shape[0]
     dW_ih, dW_hh = np.zeros_like(W_ih), np.zeros_like(W_hh)
     db_ih = np.zeros(W_ih.shape[0], dtype=W_ih.dtype) if has_bias else None
@@ -319,13 +337,18 @@ def _layer_backward(cell, W_ih, W_hh, has_bias, x, steps, dout, dh, dc, reverse=
             skip = np.where(a, 0, dh)
             dh_direct = skip if dh_direct is None else np.where(a, dh_direct, 0) + skip
             dc = None if dc is None else np.where(a, dc_prev, 0) + np.where(a, 0, dc)
-        dW_ih += dgi.T @ x[t]
-        dW_hh += dgh.T @ h_prev
+        if by_token:
+            if t == (0 if reverse else T - 1):
+                dx = np.zeros((T,) + dgi.shape, dgi.dtype)
+            dx[t] = dgi
+        else:
+            dW_ih += _mm(dgi.T, x[t], bf16)
+            dx[t] = _mm(dgi, W_ih, bf16)
+        dW_hh += _mm(dgh.T, h_prev, bf16)
         if has_bias:
             db_ih += dgi.sum(0)
             db_hh += dgh.sum(0)
-        dx[t] = dgi @ W_ih
-        dh = dgh @ W_hh
+        dh = _mm(dgh, W_hh, bf16)
         if dh_direct is not None:
             dh = dh + dh_direct
     return dx, dh, dc, (dW_ih, dW_hh, db_ih, db_hh)
@@ -345,11 +368,12 @@ def active_steps(lengths, T):
     return np.arange(T)[:, None] < np.asarray(lengths)[None, :]
 
 
-def stack_forward(params, cell, x, h0=None, c0=None, dropout=0.0, masks=None, lengths=None):
+def stack_forward(params, cell, x, h0=None, c0=None, dropout=0.0, masks=None, lengths=None, bf16=False):
     """x: (T, B, In) time-major. h0/c0: (L*D, B, H) or None (zeros), index l*D + d as torch.
     Dropout like torch: on the output of every layer except the last, as out * mask / (1-p);
     masks: L-1 keep-masks (T, B, D*H) of 0/1 (dropout_masks, sites 1..L-1), required when dropout > 0.
     lengths: B ints in [1, T] or None (all T), with pack_padded_sequence's semantics.
+    bf16: every matmul's operands rounded to bfloat16 (_mm).
     Returns out (T, B, D*H), h_n (L*D, B, H), c_n (None unless lstm), cache."""
     cell = _cell_name(cell)
     dt = x.dtype
@@ -373,7 +397,7 @@ def stack_forward(params, cell, x, h0=None, c0=None, dropout=0.0, masks=None, le
             s, k = _suffix(l, d), l * D + d
             out, h, c, steps = _layer_forward(
                 cell, params['weight_ih' + s], params['weight_hh' + s], params.get('bias_ih' + s),
-                params.get('bias_hh' + s), inp, h0[k], None if c0 is None else c0[k], d == 1, active)
+                params.get('bias_hh' + s), inp, h0[k], None if c0 is None else c0[k], d == 1, active, bf16)
             layers.append((inp, steps))
             h_n.append(h)
             c_n.append(c)
@@ -383,14 +407,16 @@ def stack_forward(params, cell, x, h0=None, c0=None, dropout=0.0, masks=None, le
             out = out * (masks[l] * scale).astype(dt)
         inp = out
     cache = dict(params=params, cell=cell, layers=layers, masks=masks, scale=scale, active=active,
-                 shape=(L, D, H))
+                 shape=(L, D, H), bf16=bf16)
     c_n = np.stack(c_n) if cell == 'lstm' else None
     return inp, np.stack(h_n), c_n, cache
 
 
-def stack_backward(cache, dout, dh_n=None, dc_n=None):
+def stack_backward(cache, dout, dh_n=None, dc_n=None, by_token=False):
     """Returns dx (T,B,In), dh0 (L*D,B,H), dc0 (L*D,B,H) or None, grads (same names as params).
-    dout at the padding of a shorter sequence is ignored (no output there)."""
+    dout at the padding of a shorter sequence is ignored (no output there). by_token: layer 0
+    returns its gate gradients in place of dx and leaves weight_ih_l0's gradient zero (see
+    _layer_backward)."""
     params, cell, masks, active = cache['params'], cache['cell'], cache['masks'], cache['active']
     L, D, H = cache['shape']
     grads, dh0, dc0 = {}, [None] * (L * D), [None] * (L * D)
@@ -408,7 +434,7 @@ def stack_backward(cache, dout, dh_n=None, dc_n=None):
                 dc = np.zeros_like(dout_d[0]) if dc_n is None else dc_n[k]
             dx, dh0[k], dc0[k], g = _layer_backward(
                 cell, params['weight_ih' + s], params['weight_hh' + s], 'bias_ih' + s in params,
-                inp, steps, dout_d, dh, dc, d == 1, active)
+                inp, steps, dout_d, dh, dc, d == 1, active, cache.get('bf16', False), by_token and l == 0)
             dinp = dx if dinp is None else dinp + dx
             for name, gr in zip(('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh'), g):
                 if gr is not None:
@@ -448,10 +474,10 @@ def cell_backward(cache, dh, dc=None):
 
 # ----------------------------------------------------------------------------- char LM
 
-def lm_forward(params, cell, inputs, targets, h0=None, c0=None, dropout=0.0, masks=None):
+def lm_forward(params, cell, inputs, targets, h0=None, c0=None, dropout=0.0, masks=None, bf16=False):
     """inputs/targets: int (B, T). masks: L keep-masks (T,B,H), the first L-1 between layers,
     the last on the top layer's output before the head (dropout_masks, sites 1..L); required
-    when dropout > 0.
+    when dropout > 0. bf16: every matmul's operands rounded to bfloat16.
     Returns loss (mean CE over B*T), logits (T,B,V), h_n, c_n, cache."""
     cell = _cell_name(cell)
     emb = params['embedding.weight']
@@ -461,11 +487,11 @@ def lm_forward(params, cell, inputs, targets, h0=None, c0=None, dropout=0.0, mas
         raise ValueError('dropout needs its masks: draw them with oracle.dropout_masks')
     x = emb[inputs.T]  # (T, B, E): the stack runs time-major
     y, h_n, c_n, scache = stack_forward(stack, cell, x, h0, c0, dropout,
-                                        None if masks is None else masks[:L - 1])
+                                        None if masks is None else masks[:L - 1], bf16=bf16)
     scale = dropout_scale(dropout, y.dtype)
     if masks is not None:
         y = y * (masks[L - 1] * scale).astype(y.dtype)
-    logits = y @ params['head.weight'].T + params['head.bias']  # (T, B, V)
+    logits = _mm(y, params['head.weight'].T, bf16) + params['head.bias']  # (T, B, V)
     # stable log-softmax
     z = logits - logits.max(-1, keepdims=True)
     ez = np.exp(z)
@@ -474,7 +500,7 @@ def lm_forward(params, cell, inputs, targets, h0=None, c0=None, dropout=0.0, mas
     logp = np.take_along_axis(z, tgt[..., None], -1)[..., 0] - np.log(sumexp[..., 0])
     loss = -logp.mean()
     cache = dict(params=params, inputs=inputs, tgt=tgt, y=y, probs=ez / sumexp,
-                 scache=scache, masks=masks, scale=scale, cell=cell)
+                 scache=scache, masks=masks, scale=scale, cell=cell, bf16=bf16)
     return loss, logits, h_n, c_n, cache
 
 
@@ -488,16 +514,29 @@ def lm_backward(cache):
                       np.take_along_axis(dlogits, tgt[..., None], -1) - 1, -1)
     dlogits /= B * T
     V, H = params['head.weight'].shape
+    bf16 = cache['bf16']
     d2 = dlogits.reshape(-1, V)
-    dhead_w = d2.T @ y.reshape(-1, H)
+    dhead_w = _mm(d2.T, y.reshape(-1, H), bf16)
     dhead_b = d2.sum(0)
-    dy = dlogits @ params['head.weight']
+    dy = _mm(dlogits, params['head.weight'], bf16)
     masks = cache['masks']
     if masks is not None:
         dy = dy * (masks[-1] * cache['scale']).astype(dy.dtype)
-    dx, dh0, dc0, sgrads = stack_backward(cache['scache'], dy)
-    demb = np.zeros_like(params['embedding.weight'])
-    np.add.at(demb, cache['inputs'].T, dx)  # repeated tokens accumulate
+    # In bf16 the embedding's projection takes its gradients as the C model does for a batch of at
+    # least V rows: layer 0's gate gradients summed by token, then rounded (one matmul row a token)
+    by_token = bf16 and T * B >= V
+    dx, dh0, dc0, sgrads = stack_backward(cache['scache'], dy, by_token=by_token)
+    emb, tokens = params['embedding.weight'], cache['inputs'].T
+    demb = np.zeros_like(emb)
+    if by_token:
+        seen = np.unique(tokens)
+        dproj = np.zeros((V, dx.shape[-1]), dx.dtype)
+        np.add.at(dproj, tokens, dx)
+        W_ih = params['rnn.weight_ih_l0']
+        sgrads['weight_ih_l0'] = _mm(dproj[seen].T, emb[seen], True)
+        demb[seen] = _mm(dproj[seen], W_ih, True)
+    else:
+        np.add.at(demb, tokens, dx)  # repeated tokens accumulate
     grads = {'embedding.weight': demb}
     for k, v in sgrads.items():
         grads['rnn.' + k] = v
@@ -537,7 +576,7 @@ def adamw_step(params, grads, m, v, t, lr, betas=(0.9, 0.999), eps=1e-8, weight_
 
 
 def train_steps(params, cell, inputs, targets, h0, c0, n_steps, lr, betas, eps,
-                weight_decay, max_grad_norm):
+                weight_decay, max_grad_norm, bf16=False):
     """n_steps of forward, backward, clip, AdamW on one fixed batch and fixed h0/c0.
     Returns (step_losses, step_norms, params_after); the given params are not modified."""
     params = {k: p.copy() for k, p in params.items()}
@@ -545,7 +584,7 @@ def train_steps(params, cell, inputs, targets, h0, c0, n_steps, lr, betas, eps,
     v = {k: np.zeros_like(p) for k, p in params.items()}
     losses, norms = [], []
     for step in range(1, n_steps + 1):
-        loss, _, _, _, cache = lm_forward(params, cell, inputs, targets, h0, c0)
+        loss, _, _, _, cache = lm_forward(params, cell, inputs, targets, h0, c0, bf16=bf16)
         grads, _, _ = lm_backward(cache)
         norms.append(clip_grad_norm(grads, max_grad_norm))
         losses.append(float(loss))

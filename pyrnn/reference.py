@@ -21,8 +21,9 @@ def _f32(x):
 
 
 def make_reference(cell, V, E, H, L, B, T, steps, seed, lr=1e-2, betas=(0.9, 0.999),
-                   eps=1e-8, weight_decay=0.01, max_grad_norm=1.0, use_h0=True):
-    """Compute the reference in float64; returns the dict that read_reference gives back."""
+                   eps=1e-8, weight_decay=0.01, max_grad_norm=1.0, use_h0=True, bf16=False):
+    """Compute the reference in float64 (bf16: every matmul's operands rounded to bfloat16 first);
+    returns the dict that read_reference gives back."""
     cell = oracle._cell_name(cell)
     C = cell == 'lstm'
     p32 = oracle.init_lm_params(cell, V, E, H, L, seed=seed, dtype=np.float32)
@@ -42,14 +43,14 @@ def make_reference(cell, V, E, H, L, B, T, steps, seed, lr=1e-2, betas=(0.9, 0.9
     hp = dict(lr=_f32(lr), beta1=_f32(betas[0]), beta2=_f32(betas[1]), eps=_f32(eps),
               weight_decay=_f32(weight_decay), max_grad_norm=_f32(max_grad_norm or 0.0))
 
-    loss, logits, h_n, c_n, cache = oracle.lm_forward(params, cell, inputs, targets, h0d, c0d)
+    loss, logits, h_n, c_n, cache = oracle.lm_forward(params, cell, inputs, targets, h0d, c0d, bf16=bf16)
     grads, dh0, dc0 = oracle.lm_backward(cache)
     losses, norms, after = oracle.train_steps(
         params, cell, inputs, targets, h0d, c0d, steps, hp['lr'], (hp['beta1'], hp['beta2']),
-        hp['eps'], hp['weight_decay'], hp['max_grad_norm'])
+        hp['eps'], hp['weight_decay'], hp['max_grad_norm'], bf16=bf16)
     f32 = lambda a: None if a is None else np.asarray(a, dtype=np.float32)
     return dict(cell=oracle.CELLS.index(cell), cell_name=cell, V=V, E=E, H=H, L=L, B=B, T=T,
-                n_steps=steps, seed=seed, **hp,
+                n_steps=steps, seed=seed, bf16=int(bf16), **hp,
                 inputs=inputs, targets=targets, h0=h0, c0=c0,
                 params=f32(oracle.flatten(params)), logits=f32(logits),
                 loss=f32([loss]), grads=f32(oracle.flatten(grads)), dh0=f32(dh0), dc0=f32(dc0),
@@ -75,11 +76,11 @@ def _array_specs(r):
 
 
 def write_reference(path, cell, V, E, H, L, B, T, steps, seed, lr=1e-2, betas=(0.9, 0.999),
-                    eps=1e-8, weight_decay=0.01, max_grad_norm=1.0, use_h0=True):
+                    eps=1e-8, weight_decay=0.01, max_grad_norm=1.0, use_h0=True, bf16=False):
     r = make_reference(cell, V, E, H, L, B, T, steps, seed, lr, betas, eps, weight_decay,
-                       max_grad_norm, use_h0)
+                       max_grad_norm, use_h0, bf16)
     header = np.zeros(HEADER_WORDS, '<i4')
-    header[:11] = [MAGIC, VERSION, r['cell'], V, E, H, L, B, T, steps, seed]
+    header[:12] = [MAGIC, VERSION, r['cell'], V, E, H, L, B, T, steps, seed, int(bf16)]
     hparams = np.zeros(HPARAM_WORDS, '<f4')
     hparams[:6] = [r[k] for k in _HPARAMS]
     parts = [header.tobytes(), hparams.tobytes()]
@@ -108,8 +109,8 @@ def read_reference(path):
         raise ValueError(f'{path}: unsupported version {header[1]} (expected {VERSION})')
     if not 0 <= header[2] < len(oracle.CELLS):
         raise ValueError(f'{path}: bad cell id {header[2]}')
-    r = dict(zip(('cell', 'V', 'E', 'H', 'L', 'B', 'T', 'n_steps', 'seed'),
-                 (int(w) for w in header[2:11])))
+    r = dict(zip(('cell', 'V', 'E', 'H', 'L', 'B', 'T', 'n_steps', 'seed', 'bf16'),
+                 (int(w) for w in header[2:12])))
     if min(r[k] for k in 'VEHLBT') <= 0 or r['n_steps'] < 0:
         raise ValueError(f'{path}: bad sizes in header {r}')
     r['cell_name'] = oracle.CELLS[r['cell']]
@@ -146,13 +147,15 @@ def main(argv=None):
     ap.add_argument('--weight-decay', type=float, default=0.01)
     ap.add_argument('--max-grad-norm', type=float, default=1.0, help='0 = no clipping')
     ap.add_argument('--no-h0', action='store_true', help='zero h0/c0 instead of N(0, 0.5)')
+    ap.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',
+                    help='bf16: every matmul of bfloat16-rounded operands (the C model\'s -M bf16)')
     ap.add_argument('-o', '--out', default=None, help='default ref/ref_CELL.bin')
     a = ap.parse_args(argv)
     out = a.out or f'ref/ref_{a.cell}.bin'
     r = write_reference(out, a.cell, a.vocab, a.embed, a.hidden, a.layers, a.B, a.T, a.steps,
                         a.seed, lr=a.lr, weight_decay=a.weight_decay,
-                        max_grad_norm=a.max_grad_norm, use_h0=not a.no_h0)
-    print(f'wrote {out}: {a.cell} V={a.vocab} E={a.embed} H={a.hidden} L={a.layers} '
+                        max_grad_norm=a.max_grad_norm, use_h0=not a.no_h0, bf16=a.precision == 'bf16')
+    print(f'wrote {out}: {a.cell} {a.precision} V={a.vocab} E={a.embed} H={a.hidden} L={a.layers} '
           f'B={a.B} T={a.T} P={r["params"].size} loss={r["loss"][0]:.6f} '
           f'steps={a.steps} final loss={r["step_losses"][-1] if a.steps else float("nan"):.6f}')
 
