@@ -92,7 +92,8 @@ def make_layer_step(impl, config, cell, threads):
             out.backward(dt)
     else:
         from . import nn
-        nn.set_num_threads(threads)
+        from .engine_c import set_num_threads
+        set_num_threads(threads)
         module = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell](I, H, L, bidirectional=D == 2, backend="c", seed=0)
         def step():
             module.forward(x)
@@ -147,7 +148,8 @@ def make_step(impl, config, cell, threads):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
     else:
-        from .nn import CharLM, set_num_threads
+        from .engine_c import set_num_threads
+        from .nn import CharLM
         if impl == "c":
             set_num_threads(threads)
         model = CharLM(cell, V, E, H, L, backend="c" if impl == "c" else "numpy")
@@ -238,8 +240,8 @@ def gemm_worker(threads):
     rates = {"numpy": gemm_rate(np.matmul, lambda n: np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))}
     isa = {"blas": _blas_core()}
     try:
-        from . import _crnn, nn
-        isa.update(c=nn.isa(), c_build_flags=_crnn.ffi.string(_crnn.lib.pyrnn_build_flags()).decode(),
+        from . import _crnn, engine_c
+        isa.update(c=engine_c.isa(), c_build_flags=_crnn.ffi.string(_crnn.lib.pyrnn_build_flags()).decode(),
                    c_extension=_crnn.__file__)
     except ImportError:
         pass
