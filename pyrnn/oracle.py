@@ -9,6 +9,12 @@ clipping and torch.optim.AdamW; the dropout generator the C trainer uses (SplitM
 Everything is computed in the dtype of the inputs (float64 for references and
 finite-difference tests, float32 to mimic the C code). No autograd anywhere: each
 backward is written out by hand, min-char-rnn style.
+
+It is only the reference: what computes with it is the reference itself, run behind the modules
+as backend='numpy' (engine_numpy) and written to files for the C and CUDA harnesses
+(pyrnn.reference). The rest of the package takes from it definitions alone: the cell list, the
+parameter names, shapes and layout, the initialisation (so every backend starts from the same
+weights) and the dropout generator's seeding.
 """
 import numpy as np
 
