@@ -70,6 +70,9 @@ static void dropout_backward(float* dx, const float* mask, size_t n) {
     for (size_t i = 0; i < n; i++) dx[i] *= mask[i];
 }
 
+// the generator's state for a model made with seed (model_init; pyrnn's C layers start from it too)
+uint64_t pyrnn_dropout_state(uint64_t seed) { return seed ^ 0x5DEECE66Dull; }
+
 // ----------------------------------------------------------------------------
 // the recurrent stack: L layers of one cell type. Parameters and gradients live in the caller's
 // flat buffers (torch order per layer: weight_ih, weight_hh, bias_ih, bias_hh); activations here.
@@ -574,6 +577,15 @@ int layer_backward_api(Layer* m, float* dx, float* dh0, float* dc0, const float*
 
 void layer_zero_grad(Layer* m) { zero_floats(m->grads, m->num_params); }
 
+// dropout between layers for pyrnn's C engine, which runs one single-layer Layer per layer and
+// direction and joins them itself: a pass's key (one draw of *rng), then each site's mask applied to
+// x (T, B, width) as a stack applies it, so the masks are the model's and the oracle's
+uint64_t pyrnn_dropout_key(uint64_t* rng) { return rng_next(rng); }
+void pyrnn_dropout_forward(float* y, float* mask, const float* x, float p, uint64_t key, int site, int T, int B,
+                           int width) {
+    dropout_forward(y, mask, x, p, key, site, 0, T, B, width);
+}
+
 // ----------------------------------------------------------------------------
 // the character language model: Embedding(V, E) -> stack -> Linear(H, V) -> mean cross-entropy
 
@@ -647,7 +659,7 @@ void model_init(Model* m, uint64_t seed) {
     float bound = 1.0f / sqrtf((float)m->config.hidden_size);
     for (size_t i = 0; i < n_emb; i++) m->params[i] = rng_normal(&rng);
     for (size_t i = n_emb; i < m->num_params; i++) m->params[i] = (2.0f * rng_uniform(&rng) - 1.0f) * bound;
-    m->rng = seed ^ 0x5DEECE66Dull;
+    m->rng = pyrnn_dropout_state(seed);
     m->adam_t = 0;
     if (m->m) memset(m->m, 0, m->num_params * sizeof(float));
     if (m->v) memset(m->v, 0, m->num_params * sizeof(float));

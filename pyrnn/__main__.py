@@ -141,7 +141,9 @@ def cmd_plot(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pyrnn", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m pyrnn", description=__doc__,
+                                epilog="bench: CPU benchmark against PyTorch and the NumPy oracle, with flags of "
+                                       "its own (python -m pyrnn bench -h)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     q = sub.add_parser("prepare", help="text -> train.bin / val.bin token files")
@@ -188,10 +190,8 @@ def main(argv=None):
     q.add_argument("-o", "--out", default="loss.png")
     q.set_defaults(fn=cmd_plot)
 
-    sub.add_parser("bench", help="CPU benchmark against PyTorch and the NumPy oracle (bench -h for its flags)")
-
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:   # its own flags, parsed by pyrnn.bench
+    if argv[:1] == ["bench"]:   # its own flags, parsed by pyrnn.bench, so not a subparser here
         from . import bench
         bench.main(argv[1:])
         return 0

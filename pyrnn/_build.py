@@ -41,10 +41,11 @@ typedef struct {
     size_t num_params;
     float* params;       /* embedding.weight, rnn.*, head.weight, head.bias */
     float* grads;
-    float* m;            /* AdamW moments, NULL before the first step */
+    float* m;            /* AdamW moments, NULL until the first step or model_adam_alloc */
     float* v;
     int adam_t;
     Stack rnn;
+    uint64_t rng;        /* the dropout generator's state */
     int B, T;            /* shape of the last forward */
     float *head_mask, *logits, *h_n, *c_n, *dh0, *dc0;
     float loss;
@@ -64,10 +65,12 @@ int layer_backward_api(Layer* m, float* dx, float* dh0, float* dc0, const float*
                        const float* dh_n, const float* dc_n);
 void layer_zero_grad(Layer* m);
 void layer_free(Layer* m);
+uint64_t pyrnn_dropout_state(uint64_t seed);
+uint64_t pyrnn_dropout_key(uint64_t* rng);
+void pyrnn_dropout_forward(float* y, float* mask, const float* x, float p, uint64_t key, int site, int T, int B,
+                           int width);
 
-size_t model_num_params(Config c);
 Model* model_new(Config c);
-void model_init(Model* m, uint64_t seed);
 void model_set_training(Model* m, int training, float dropout);
 int model_forward(Model* m, const int* inputs, const int* targets, const float* h0, const float* c0,
                   int B, int T);
@@ -75,6 +78,10 @@ int model_backward(Model* m);
 void model_zero_grad(Model* m);
 int model_step(Model* m, float lr, float beta1, float beta2, float eps, float weight_decay,
                float max_grad_norm, float* grad_norm);
+int model_adam_alloc(Model* m);
+double pyrnn_sum_squares(const float* x, size_t n);
+void adamw_update(float* params, float* m, float* v, const float* grads, size_t n, float grad_scale, int t,
+                  float lr, float beta1, float beta2, float eps, float weight_decay);
 void model_free(Model* m);
 int model_sample(Model* m, int* out, const int* prime, int n_prime, int n, float temperature, int top_k,
                  uint64_t seed);

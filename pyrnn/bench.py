@@ -92,8 +92,10 @@ def make_layer_step(impl, config, cell, threads):
             out.backward(dt)
     else:
         from . import nn
-        nn.set_num_threads(threads)
-        module = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell](I, H, L, bidirectional=D == 2, backend="c", seed=0)
+        from .engine_c import set_num_threads
+        set_num_threads(threads)
+        module = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell](I, H, L, bidirectional=D == 2, backend="c",
+                                                                       seed=0)
         def step():
             module.forward(x)
             module.zero_grad()
@@ -147,7 +149,8 @@ def make_step(impl, config, cell, threads):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
     else:
-        from .nn import CharLM, set_num_threads
+        from .engine_c import set_num_threads
+        from .nn import CharLM
         if impl == "c":
             set_num_threads(threads)
         model = CharLM(cell, V, E, H, L, backend="c" if impl == "c" else "numpy")
@@ -235,11 +238,12 @@ def _blas_core():
 
 def gemm_worker(threads):
     """The GEMM ceiling, and the instruction set each side runs, in the workers' environment."""
-    rates = {"numpy": gemm_rate(np.matmul, lambda n: np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))}
+    draw = lambda n: np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    rates = {"numpy": gemm_rate(np.matmul, draw)}
     isa = {"blas": _blas_core()}
     try:
-        from . import _crnn, nn
-        isa.update(c=nn.isa(), c_build_flags=_crnn.ffi.string(_crnn.lib.pyrnn_build_flags()).decode(),
+        from . import _crnn, engine_c
+        isa.update(c=engine_c.isa(), c_build_flags=_crnn.ffi.string(_crnn.lib.pyrnn_build_flags()).decode(),
                    c_extension=_crnn.__file__)
     except ImportError:
         pass
@@ -305,7 +309,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *LAYER_CONFIGS])
     p.add_argument("--layer", action="store_true", help="time the layer API (pyrnn.LSTM against torch.nn.LSTM)")
-    p.add_argument("--cells", nargs="+", choices=["rnn", "lstm", "gru"], help="only these cells (default: each config's own)")
+    p.add_argument("--cells", nargs="+", choices=["rnn", "lstm", "gru"],
+                   help="only these cells (default: each config's own)")
     p.add_argument("--rounds", type=int, default=9, help="turns each implementation takes")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per turn")
     p.add_argument("--warmup", type=int, default=3)
@@ -360,16 +365,19 @@ def run(args, tmp):
           f"{isa['blas'] or 'not OpenBLAS'}" + (f"; held to {args.isa}: " + " ".join(f"{k}={v}" for k, v in
                                                  held["env"].items()) if held else ""))
     if held and isa.get("c") != args.isa:
-        print(f"warning: the C extension built with -march={held['arch']} reports {isa.get('c')} kernels, not {args.isa}")
+        print(f"warning: the C extension built with -march={held['arch']} reports {isa.get('c')} kernels, "
+              f"not {args.isa}")
     print(f"float32 GEMM GFLOP/s: numpy {ceiling:.0f} (the ceiling){torch_rate}")
-    header = f"{'config':8} {'cell':5} {'impl':6} {'tok/s':>9} {'x torch':>8} {'GFLOP/s':>8} {'% peak':>7} {'peak MB':>8} {'train MB':>8}"
+    header = (f"{'config':8} {'cell':5} {'impl':6} {'tok/s':>9} {'x torch':>8} {'GFLOP/s':>8} {'% peak':>7} "
+              f"{'peak MB':>8} {'train MB':>8}")
     print(header)
     print("-" * len(header))
     results = []
     for config in args.configs:
         cells = ("rnn", "lstm", "gru") if config in LAYER_CONFIGS else CONFIGS[config][-1]
         for cell in (c for c in cells if not args.cells or c in args.cells):
-            turns, mem = take_turns(impls, config, cell, args.threads, args.warmup, args.rounds, args.repeats, env, c_dir)
+            turns, mem = take_turns(impls, config, cell, args.threads, args.warmup, args.rounds, args.repeats, env,
+                                    c_dir)
             tokens, flops = shape_of(config, cell)
             for impl in impls:
                 step_s = median(t for turn in turns[impl] for t in turn)

@@ -9,6 +9,12 @@ clipping and torch.optim.AdamW; the dropout generator the C trainer uses (SplitM
 Everything is computed in the dtype of the inputs (float64 for references and
 finite-difference tests, float32 to mimic the C code). No autograd anywhere: each
 backward is written out by hand, min-char-rnn style.
+
+It is only the reference: what computes with it is the reference itself, run behind the modules
+as backend='numpy' (engine_numpy) and written to files for the C and CUDA harnesses
+(pyrnn.reference). The rest of the package takes from it definitions alone: the cell list, the
+parameter names, shapes and layout, the initialisation (so every backend starts from the same
+weights) and the dropout generator's seeding.
 """
 import numpy as np
 
@@ -59,7 +65,8 @@ def layer_param_shapes(cell, input_size, hidden_size, bias=True, suffix=''):
     return shapes
 
 
-def _suffix(l, d):
+def layer_suffix(l, d):
+    """torch's suffix for the names of layer l's parameters, direction d (1: reverse)."""
     return f'_l{l}' + ('_reverse' if d else '')
 
 
@@ -73,7 +80,7 @@ def stack_param_shapes(cell, input_size, hidden_size, num_layers, bias=True, bid
     for l in range(num_layers):
         for d in range(D):
             shapes.update(layer_param_shapes(cell, _layer_input(l, input_size, hidden_size, D),
-                                             hidden_size, bias, _suffix(l, d)))
+                                             hidden_size, bias, layer_suffix(l, d)))
     return shapes
 
 
@@ -394,7 +401,7 @@ def stack_forward(params, cell, x, h0=None, c0=None, dropout=0.0, masks=None, le
     for l in range(L):
         outs = []
         for d in range(D):
-            s, k = _suffix(l, d), l * D + d
+            s, k = layer_suffix(l, d), l * D + d
             out, h, c, steps = _layer_forward(
                 cell, params['weight_ih' + s], params['weight_hh' + s], params.get('bias_ih' + s),
                 params.get('bias_hh' + s), inp, h0[k], None if c0 is None else c0[k], d == 1, active, bf16)
@@ -425,7 +432,7 @@ def stack_backward(cache, dout, dh_n=None, dc_n=None, by_token=False):
             dout = dout * (masks[l] * cache['scale']).astype(dout.dtype)
         dinp = None
         for d in range(D):
-            s, k = _suffix(l, d), l * D + d
+            s, k = layer_suffix(l, d), l * D + d
             inp, steps = cache['layers'][k]
             dout_d = dout[..., d * H:(d + 1) * H]
             dh = np.zeros_like(dout_d[0]) if dh_n is None else dh_n[k]

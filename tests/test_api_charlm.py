@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pyrnn
-from pyrnn import checkpoint, nn, oracle
+from pyrnn import checkpoint, oracle, validate
 
 BACKENDS = ['c', 'numpy']
 TEXT = "ROMEO: But soft, what light through yonder window breaks?\n" * 8
@@ -164,11 +164,11 @@ def test_sizes_are_checked_before_allocation(monkeypatch):
         with pytest.raises(MemoryError, match=rf'{size} \(weights and gradients\) needs [\d,]+ bytes'):
             make()
     # LSTM(3, 30000) needs 28.8 GB: refused where that is more than the memory available
-    monkeypatch.setattr(nn, '_available_bytes', lambda: 8 * 2**30)
+    monkeypatch.setattr(validate, 'available_bytes', lambda: 8 * 2**30)
     with pytest.raises(MemoryError, match=r'LSTM\(3, 30000.* needs 28,804,800,000 bytes \(26.8 GiB\), more than the 8.0 GiB'):
         pyrnn.LSTM(3, 30000)
     m = pyrnn.GRU(3, 512, seed=0)        # activations are checked at each forward
-    monkeypatch.setattr(nn, '_available_bytes', lambda: 2**26)
+    monkeypatch.setattr(validate, 'available_bytes', lambda: 2**26)
     with pytest.raises(MemoryError, match=r'a forward of 100 steps x 50 sequences through GRU\(3, 512.* needs '
                                           r'[\d,]+ bytes \(0.\d GiB\), more than the 0.1 GiB'):
         m(np.zeros((100, 50, 3), np.float32))

@@ -245,9 +245,9 @@ def test_layer_batch_first_shapes():
 
 def test_c_errors_become_runtime_errors(monkeypatch):
     # with the Python range check bypassed, C's own check answers: -1 -> RuntimeError(its message)
-    import pyrnn.nn as nn
+    from pyrnn import validate
     lm = pyrnn.CharLM('rnn', V, E, H)
-    monkeypatch.setattr(nn, '_tokens', lambda a, name, V, shape=None: np.ascontiguousarray(a, np.int32))
+    monkeypatch.setattr(validate, 'tokens', lambda a, name, V, shape=None: np.ascontiguousarray(a, np.int32))
     bad = tokens()
     bad[2, 3] = V
     with pytest.raises(RuntimeError, match=rf'input token {V} at position 11 is outside the vocabulary \[0, {V}\)'):
