@@ -52,7 +52,11 @@ typedef struct {
     ...;
 } Model;
 
-const char* pyrnn_isa(void);   /* the kernels this build holds: "avx512", "avx2", "neon", "sse2", "portable" */
+const char* pyrnn_isa(void);   /* the kernel set new models take ("avx2"), NULL if none (PYRNN_ISA) */
+int pyrnn_set_isa(const char* name);   /* NULL: the widest this CPU runs */
+const char* pyrnn_isa_list(int cpu_only);
+void model_set_bf16(Model* m, int bf16);
+void layer_set_bf16(Layer* m, int bf16);
 const char* pyrnn_build_flags(void);   /* the compiler flags below, as this build was made */
 const char* pyrnn_last_error(void);
 void pyrnn_set_num_threads(int n);

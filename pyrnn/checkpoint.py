@@ -7,10 +7,11 @@ import numpy as np
 from . import oracle
 
 CKPT_MAGIC, CKPT_VERSION = 20261102, 1
+PRECISIONS = ('fp32', 'bf16')   # header word 13
 
 
 def read_checkpoint(path):
-    """Returns a dict: config (cell, V, E, H, L), B, T, step, carry, adam_t, dropout, vocab, params (state
+    """Returns a dict: config (cell, V, E, H, L), B, T, step, carry, adam_t, dropout, precision, vocab, params (state
     dict), m, v (flat), data_pos, h, c, rng. Raises ValueError naming what is wrong."""
     with open(path, "rb") as f:
         data = f.read()
@@ -27,7 +28,7 @@ def read_checkpoint(path):
     cell, V, E, H, L, B, T, step, carry, adam_t = (int(x) for x in header[2:12])
     dropout = float(str(header[12:13].view(np.float32)[0]))   # the shortest decimal: 0.2 reads back as 0.2
     if not 0 <= cell < len(oracle.CELLS) or min(V, E, H, L) <= 0 or V > 256 or min(B, T, step, adam_t) < 0 \
-            or not 0.0 <= dropout < 1.0:
+            or not 0.0 <= dropout < 1.0 or header[13] not in (0, 1):
         raise ValueError(f"{path}: bad header")
     cell = oracle.CELLS[cell]
     lstm = cell == "lstm"
@@ -51,13 +52,15 @@ def read_checkpoint(path):
     rng = int(take(1, np.uint64)[0])
     return dict(cell=cell, vocab_size=V, embed_size=E, hidden_size=H, num_layers=L, B=B, T=T,
                 step=step, carry=carry, adam_t=adam_t, dropout=dropout, vocab=bytes(data[256:256 + V]),
+                precision=PRECISIONS[int(header[13])],
                 params=oracle.unflatten(flat, shapes), m=m, v=v, data_pos=data_pos, h=h, c=c, rng=rng)
 
 
 def write_checkpoint(path, cell, params, vocab, m=None, v=None, step=0, adam_t=0, B=0, T=0, carry=1,
-                     data_pos=0, h=None, c=None, rng=1, dropout=0.0):
+                     data_pos=0, h=None, c=None, rng=1, dropout=0.0, precision='fp32'):
     """Writes atomically (temp file, fsync, rename). params: LM state dict in torch order. Word 12 of
-    the header holds the dropout rate as a float32 (0 in files that predate it)."""
+    the header holds the dropout rate as a float32 (0 in files that predate it), word 13 the precision
+    trained with (0 fp32, 1 bf16); the tensors are float32 either way."""
     cell_id = oracle.cell_id(cell)
     V, E = params["embedding.weight"].shape
     H = params["head.weight"].shape[1]
@@ -67,6 +70,7 @@ def write_checkpoint(path, cell, params, vocab, m=None, v=None, step=0, adam_t=0
     header = np.zeros(64, dtype=np.int32)
     header[:12] = [CKPT_MAGIC, CKPT_VERSION, cell_id, V, E, H, L, B, T, step, carry, adam_t]
     header[12:13].view(np.float32)[0] = dropout
+    header[13] = PRECISIONS.index(precision)
     vocab_block = bytearray(256)
     vocab_block[:len(vocab)] = vocab
     lbh = (L, B, H)

@@ -40,10 +40,28 @@ def get_num_threads():
 
 
 def isa():
-    """The instruction set the C backend's kernels were built for: 'avx512', 'avx2', 'neon', 'sse2'
-    or 'portable' (set at build time by -march: PYRNN_ARCH, native by default)."""
+    """The kernel set new C models take: 'avx512bf16', 'avx512', 'avx2', 'sse2', 'neon' or 'portable'.
+    The extension holds one set per instruction set it was built for and takes the widest this CPU
+    runs, unless PYRNN_ISA (read at import) or set_isa names one."""
     ffi, lib = load()
-    return ffi.string(lib.pyrnn_isa()).decode()
+    name = lib.pyrnn_isa()
+    if name == ffi.NULL:
+        raise RuntimeError(ffi.string(lib.pyrnn_last_error()).decode())
+    return ffi.string(name).decode()
+
+
+def set_isa(name=None):
+    """Models made from now on take the kernel set `name` (None: the widest this CPU runs); ValueError
+    when this build or this CPU has no such set. Models already made keep theirs."""
+    ffi, lib = load()
+    if lib.pyrnn_set_isa(ffi.NULL if name is None else str(name).encode()) != 0:
+        raise ValueError(ffi.string(lib.pyrnn_last_error()).decode())
+
+
+def isa_list(cpu_only=False):
+    """The kernel sets this build holds (cpu_only: those this CPU runs), narrowest first."""
+    ffi, lib = load()
+    return ffi.string(lib.pyrnn_isa_list(int(cpu_only))).decode().split(', ')
 
 
 # ----------------------------------------------------------------------------- C memory
@@ -94,7 +112,7 @@ class CStack(StackEngine):
     again before backward. AdamW is C's adamw_update over each Layer's buffers, the moments in
     NumPy, one pair of flat vectors per Layer."""
 
-    def __init__(self, cell, input_size, hidden_size, num_layers, bias, bidirectional, seed,
+    def __init__(self, cell, input_size, hidden_size, num_layers, bias, bidirectional, seed, bf16=False,
                  suffix=oracle.layer_suffix):
         ffi, lib = self._ffi, self._lib = load()
         D = 2 if bidirectional else 1
@@ -107,6 +125,7 @@ class CStack(StackEngine):
                 if ptr == ffi.NULL:
                     c_check(ffi, lib, -1)
                 owner = ffi.gc(ptr, lib.layer_free)
+                lib.layer_set_bf16(ptr, int(bf16))
                 self.units.append(owner)
                 shapes = oracle.layer_param_shapes(cell, in_l, hidden_size, bias, suffix(l, d))
                 self.shapes.append(shapes)
@@ -253,7 +272,7 @@ class CCell(CStack, CellEngine):
 class CLM(LMEngine):
     """The C Model: parameters, gradients, AdamW moments and the dropout generator all live in it."""
 
-    def __init__(self, cell, V, E, H, L, seed):
+    def __init__(self, cell, V, E, H, L, seed, bf16=False):
         ffi, lib = self._ffi, self._lib = load()
         config = ffi.new('Config*')
         config.cell, config.vocab_size, config.embed_size = oracle.cell_id(cell), V, E
@@ -262,6 +281,7 @@ class CLM(LMEngine):
         if ptr == ffi.NULL:
             c_check(ffi, lib, -1)
         self.ptr = ffi.gc(ptr, lib.model_free)
+        lib.model_set_bf16(ptr, int(bf16))
         ptr.rng = lib.pyrnn_dropout_state(seed % 2**64)   # the weights are set by CharLM
         self.cell, self.H, self.L, self.V = cell, H, L, V
         self.shapes = oracle.lm_param_shapes(cell, V, E, H, L)

@@ -23,7 +23,9 @@ class CudaLM(LMEngine):
     lazily both ways. AdamW's moments stay on the GPU (the library cannot hand them out yet), and
     dropout is not implemented there."""
 
-    def __init__(self, cell, V, E, H, L, seed):
+    def __init__(self, cell, V, E, H, L, seed, bf16=False):
+        if bf16:
+            raise ValueError("precision='bf16' runs on the CPU (backend 'c' or 'numpy'); the GPU library is fp32")
         self._cuda = load()
         self.cell, self.dims = cell, (V, E, H, L)
         self.rng = oracle.dropout_state(seed)

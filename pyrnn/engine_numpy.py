@@ -39,9 +39,10 @@ class NumpyEngine(HostParams):
 
 
 class NumpyStack(NumpyEngine, StackEngine):
-    def __init__(self, cell, input_size, hidden_size, num_layers, bias, bidirectional, seed):
+    def __init__(self, cell, input_size, hidden_size, num_layers, bias, bidirectional, seed, bf16=False):
         super().__init__(oracle.stack_param_shapes(cell, input_size, hidden_size, num_layers, bias, bidirectional))
         self.cell, self.H, self.L, self.D = cell, hidden_size, num_layers, 2 if bidirectional else 1
+        self.bf16 = bf16
         self.rng = oracle.dropout_state(seed)
 
     def forward(self, x, h0, c0, lengths, p):
@@ -52,7 +53,8 @@ class NumpyStack(NumpyEngine, StackEngine):
         # the oracle's cache keeps its inputs: copies, as C copies them, so that editing the
         # caller's arrays before backward changes nothing
         x, h0, c0 = (None if a is None else a.copy() for a in (x, h0, c0))
-        return oracle.stack_forward(self.params, self.cell, x, h0, c0, p if masks else 0.0, masks, lengths)
+        return oracle.stack_forward(self.params, self.cell, x, h0, c0, p if masks else 0.0, masks, lengths,
+                                    bf16=self.bf16)
 
     def backward(self, tape, dout, dh_n, dc_n):
         dx, dh0, dc0, grads = oracle.stack_backward(tape, dout, dh_n, dc_n)
@@ -77,9 +79,9 @@ class NumpyCell(NumpyEngine, CellEngine):
 
 
 class NumpyLM(NumpyEngine, LMEngine):
-    def __init__(self, cell, V, E, H, L, seed):
+    def __init__(self, cell, V, E, H, L, seed, bf16=False):
         super().__init__(oracle.lm_param_shapes(cell, V, E, H, L))
-        self.cell, self.H, self.L = cell, H, L
+        self.cell, self.H, self.L, self.bf16 = cell, H, L, bf16
         self.rng = oracle.dropout_state(seed)   # the C model's generator, so both draw the same masks
         self._cache = self._masks = None
 
@@ -92,7 +94,7 @@ class NumpyLM(NumpyEngine, LMEngine):
         inputs, h0, c0 = (None if a is None else a.copy() for a in (inputs, h0, c0))
         loss, logits, h_n, c_n, cache = oracle.lm_forward(
             self.params, self.cell, inputs, targets if targets is not None else np.zeros_like(inputs),
-            h0, c0, p, self._masks)
+            h0, c0, p, self._masks, bf16=self.bf16)
         self._cache = cache if targets is not None else None
         return loss, logits, h_n, c_n
 

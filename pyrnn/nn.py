@@ -90,17 +90,18 @@ class _RNNBase(Module):
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, seed=None, backend='c', *, cell):
+                 bidirectional=False, seed=None, backend='c', precision='fp32', *, cell):
         I, H, L = validate.sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         self.cell = cell
         self.input_size, self.hidden_size, self.num_layers = I, H, L
         self.bias, self.batch_first, self.bidirectional = bool(bias), bool(batch_first), bool(bidirectional)
         self.dropout, self.seed = validate.dropout(dropout), validate.seed(seed)
-        self.backend = validate.backend(backend)
+        self.backend, self.precision = validate.backend(backend), precision
+        bf16 = validate.precision(precision)
         if backend not in STACK_ENGINES:
             raise ValueError("the layer API runs on backend 'c' or 'numpy'; backend='cuda' is for CharLM")
         validate.check_params(repr(self), oracle.stack_num_params(cell, I, H, L, self.bias, self.bidirectional))
-        self._engine = STACK_ENGINES[backend](cell, I, H, L, self.bias, self.bidirectional, self.seed)
+        self._engine = STACK_ENGINES[backend](cell, I, H, L, self.bias, self.bidirectional, self.seed, bf16=bf16)
         self.load_state_dict(oracle.init_stack_params(cell, I, H, L, self.bias, np.random.default_rng(self.seed),
                                                       bidirectional=self.bidirectional))
         self._last = None  # what backward needs from the last forward
@@ -112,7 +113,7 @@ class _RNNBase(Module):
         extra = f', nonlinearity={self.cell[4:]!r}' if self.cell == 'rnn_relu' else ''
         return (f'{type(self).__name__}({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}'
                 f'{extra}, bias={self.bias}, batch_first={self.batch_first}, dropout={self.dropout}, '
-                f'bidirectional={self.bidirectional}, backend={self.backend!r})')
+                f'bidirectional={self.bidirectional}, backend={self.backend!r}{_precision_repr(self)})')
 
     def forward(self, x, hx=None, lengths=None):
         """x: (T, B, input_size), (B, T, input_size) with batch_first, or unbatched (T, input_size).
@@ -195,27 +196,27 @@ class RNN(_RNNBase):
     """torch.nn.RNN: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), act tanh or relu."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, seed=None, backend='c'):
+                 batch_first=False, dropout=0.0, bidirectional=False, seed=None, backend='c', precision='fp32'):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         seed, backend, cell=oracle.rnn_cell(nonlinearity))
+                         seed, backend, precision, cell=oracle.rnn_cell(nonlinearity))
 
 
 class LSTM(_RNNBase):
     """torch.nn.LSTM (gates i, f, g, o); hx, the final state and dh_n are pairs (h, c)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, seed=None, backend='c'):
+                 bidirectional=False, seed=None, backend='c', precision='fp32'):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         seed, backend, cell='lstm')
+                         seed, backend, precision, cell='lstm')
 
 
 class GRU(_RNNBase):
     """torch.nn.GRU (gates r, z, n; r multiplies W_hn h + b_hn)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, seed=None, backend='c'):
+                 bidirectional=False, seed=None, backend='c', precision='fp32'):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         seed, backend, cell='gru')
+                         seed, backend, precision, cell='gru')
 
 
 # ----------------------------------------------------------------------------- cells
@@ -312,6 +313,10 @@ class GRUCell(_CellBase):
 
 # ----------------------------------------------------------------------------- char LM
 
+def _precision_repr(module):
+    return '' if module.precision == 'fp32' else f', precision={module.precision!r}'
+
+
 class CharLM(Module):
     """Embedding(V, E) -> cell stack (L layers, hidden H) -> Linear(H, V) -> mean cross-entropy.
 
@@ -329,7 +334,7 @@ class CharLM(Module):
     """
 
     def __init__(self, cell, vocab_size, embed_size, hidden_size, num_layers=1,
-                 nonlinearity='tanh', seed=None, backend='c', dropout=0.0, vocab=None):
+                 nonlinearity='tanh', seed=None, backend='c', dropout=0.0, vocab=None, precision='fp32'):
         if cell not in oracle.CELLS:
             raise ValueError(f'unknown cell {cell!r}, expected one of {oracle.CELLS}')
         if oracle.rnn_cell(nonlinearity) == 'rnn_relu':
@@ -340,12 +345,13 @@ class CharLM(Module):
                                     num_layers=num_layers)
         self.cell, self.vocab_size, self.embed_size, self.hidden_size, self.num_layers = cell, V, E, H, L
         self._dropout, self.seed = validate.dropout(dropout), validate.seed(seed)
-        self.backend = validate.backend(backend)
+        self.backend, self.precision = validate.backend(backend), precision
+        bf16 = validate.precision(precision)
         self.vocab = None if vocab is None else Vocab(vocab)
         if self.vocab is not None and len(self.vocab) != V:
             raise ValueError(f'vocab has {len(self.vocab)} symbols, vocab_size is {V}')
         validate.check_params(repr(self), oracle.lm_num_params(cell, V, E, H, L))
-        self._engine = LM_ENGINES[backend](cell, V, E, H, L, self.seed)
+        self._engine = LM_ENGINES[backend](cell, V, E, H, L, self.seed, bf16=bf16)
         self.load_state_dict(oracle.init_lm_params(cell, V, E, H, L, seed=self.seed))
         self.train(True)
         self._can_backward = False
@@ -354,7 +360,7 @@ class CharLM(Module):
     def __repr__(self):
         return (f'CharLM({self.cell!r}, vocab_size={self.vocab_size}, embed_size={self.embed_size}, '
                 f'hidden_size={self.hidden_size}, num_layers={self.num_layers}, '
-                f'dropout={self.dropout}, backend={self.backend!r})')
+                f'dropout={self.dropout}, backend={self.backend!r}{_precision_repr(self)})')
 
     @property
     def dropout(self):
@@ -440,17 +446,19 @@ class CharLM(Module):
             adam = None
         m, v, t = (None, None, 0) if adam is None else (oracle.flatten(adam[0]), oracle.flatten(adam[1]), adam[2])
         write_checkpoint(path, self.cell, self.state_dict(), vocab.symbols, m=m, v=v, adam_t=t,
-                         dropout=self.dropout, rng=self._engine.rng)
+                         dropout=self.dropout, rng=self._engine.rng, precision=self.precision)
 
     @classmethod
-    def load(cls, path, backend='c', with_vocab=False):
+    def load(cls, path, backend='c', with_vocab=False, precision=None):
         """The model a checkpoint holds (written by save(), train_cpu or train_gpu): parameters,
         vocabulary, dropout, AdamW state and the dropout generator's state; with_vocab=True returns
-        (model, vocab bytes)."""
+        (model, vocab bytes). precision: 'fp32' or 'bf16' (None: the one it was trained with; the
+        file is float32 either way)."""
         from .checkpoint import read_checkpoint
         ck = read_checkpoint(path)
         model = cls(ck['cell'], ck['vocab_size'], ck['embed_size'], ck['hidden_size'], ck['num_layers'],
-                    seed=0, backend=backend, dropout=ck['dropout'], vocab=ck['vocab'])
+                    seed=0, backend=backend, dropout=ck['dropout'], vocab=ck['vocab'],
+                    precision=precision or ck['precision'])
         model.load_state_dict(ck['params'])
         model.seed = None                     # the weights and the generator's state come from the file
         model._engine.set_rng(ck['rng'])

@@ -88,6 +88,13 @@ def dropout(p):
     return float(p)
 
 
+def precision(name):
+    """'fp32' or 'bf16' (GEMM operands rounded to bfloat16, sums in float32): True for bf16."""
+    if name not in ('fp32', 'bf16'):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {name!r}")
+    return name == 'bf16'
+
+
 def backend(name):
     if name not in BACKENDS:
         raise ValueError(f'unknown backend {name!r}, expected one of {BACKENDS}')
