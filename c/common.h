@@ -179,8 +179,11 @@ void model_tensor_info(const Config* c, int i, char* name, size_t name_size, siz
 
 // how a model trains beyond its shape; checkpoints keep it, so a resumed run goes on the same way
 typedef struct {
-    float dropout;   // between layers and before the head, while training (-p)
-    int bf16;        // GEMM operands rounded to bf16, products summed in fp32 (-M bf16); else fp32
+    float dropout;         // between layers and before the head, while training (-p)
+    int locked;            // dropout masks: 0 a fresh one per step, 1 one per stream per batch (-d locked)
+    float weight_drop;     // DropConnect on every layer's W_hh, one mask per batch (-W)
+    float embed_dropout;   // whole rows of the embedding table dropped, one mask per batch (-D)
+    int bf16;              // GEMM operands rounded to bf16, products summed in fp32 (-M bf16); else fp32
 } TrainOptions;
 
 size_t model_num_params(Config c) {

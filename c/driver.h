@@ -41,10 +41,10 @@ typedef struct {
 // the training driver: flags, data, carried state, logging, eval, sampling, checkpoints
 
 typedef struct {
-    const char *train_path, *val_path, *out_dir, *resume, *cell_name, *nonfinite, *precision;
+    const char *train_path, *val_path, *out_dir, *resume, *cell_name, *nonfinite, *precision, *masks;
     int n_layers, embed_size, hidden_size, B, T, max_steps, eval_every, sample_every, ckpt_every;
-    int warmup, threads, carry, sample_len, top_k;
-    float lr, weight_decay, grad_clip, final_lr_frac, dropout, temperature;
+    int warmup, threads, carry, sample_len, top_k, budget;
+    float lr, weight_decay, grad_clip, final_lr_frac, dropout, temperature, weight_drop, embed_dropout;
     long long seed;
 } TrainArgs;
 
@@ -118,6 +118,12 @@ static int check_args(const TrainArgs* a) {
     if (a->weight_decay < 0.0f) return fail("-w weight decay must be >= 0, got %g", a->weight_decay);
     if (a->grad_clip < 0.0f) return fail("-g grad clip must be >= 0 (0 = off), got %g", a->grad_clip);
     if (a->dropout < 0.0f || a->dropout >= 1.0f) return fail("-p dropout must be in [0, 1), got %g", a->dropout);
+    if (a->weight_drop < 0.0f || a->weight_drop >= 1.0f) return fail("-W weight drop must be in [0, 1), got %g", a->weight_drop);
+    if (a->embed_dropout < 0.0f || a->embed_dropout >= 1.0f)
+        return fail("-D embedding dropout must be in [0, 1), got %g", a->embed_dropout);
+    if (strcmp(a->masks, "step") != 0 && strcmp(a->masks, "locked") != 0)
+        return fail("-d must be step or locked, got '%s'", a->masks);
+    if (a->budget < 0) return fail("-x budget must be >= 0 seconds (0 = none), got %d", a->budget);
     if (a->final_lr_frac < 0.0f || a->final_lr_frac > 1.0f) return fail("-q final lr fraction must be in [0, 1], got %g", a->final_lr_frac);
     if (a->eval_every < 0 || a->sample_every < 0 || a->ckpt_every < 0 || a->warmup < 0 || a->threads < 0 ||
         a->sample_len < 0 || a->top_k < 0)
@@ -259,6 +265,44 @@ static int open_log(FILE** log, const char* out_dir, int append) {
     return 0;
 }
 
+// -x SECONDS: a wall-clock budget, counted from the start of the process. Once the warmup is over
+// (and at least 10 steps ran) the run has timed its steps, and an evaluation, and fixes the step count
+// so that the cosine schedule ends inside the budget, with 2% and a second to spare; should the machine
+// slow down after that, the run ends early rather than overrun. Every rank takes rank 0's decisions.
+typedef struct {
+    double budget_ms, start_ms;   // budget_ms 0: none
+    int plan_after;               // the step at whose end the count is fixed; -1 once it is
+    double train_ms, eval_ms, sample_ms, ckpt_ms;   // train_ms: summed over n_timed steps; the others, the last
+    int n_timed;
+} Budget;
+
+static int rank0_decides(int x) {
+    double v = dist.rank == 0 ? (double)x : 0.0;
+    dist_agree_sum(0, &v, 1);
+    return (int)v;
+}
+
+// the end-of-run work still to come, with the margin
+static double budget_tail_ms(const Budget* b) {
+    return b->eval_ms + b->sample_ms + b->ckpt_ms + 0.02 * b->budget_ms + 1000.0;
+}
+
+// the last step (1-based) that fits, given the steps done and the periodic work per step; at most upper
+static int budget_plan(const Budget* b, const TrainArgs* a, int have_val, int done, int upper) {
+    double per_step = b->train_ms / (b->n_timed > 0 ? b->n_timed : 1);
+    if (have_val && a->eval_every) per_step += b->eval_ms / a->eval_every;
+    if (a->sample_every) per_step += b->sample_ms / a->sample_every;
+    if (a->ckpt_every) per_step += b->ckpt_ms / a->ckpt_every;
+    double left = b->budget_ms - (now_ms() - b->start_ms) - budget_tail_ms(b);
+    double more = left > 0.0 ? left / per_step : 0.0;
+    int planned = more > (double)(upper - done) ? upper : done + (int)more;
+    printf("budget %.0f s: a step takes %.1f ms with its share of eval, samples and checkpoints; %.0f s left: "
+           "training to step %d\n", b->budget_ms / 1e3, per_step, left / 1e3, planned);
+    return rank0_decides(planned);
+}
+
+static double process_start_ms;
+
 // Every failure is agreed on, so all ranks leave for `error` together and none is left waiting in a
 // collective: TRY(x) for a step that may fail on one rank alone (one small all-reduce of the outcome;
 // nothing in one process), SAME(x) for one whose outcome every rank already shares (a decision on
@@ -268,10 +312,10 @@ static int open_log(FILE** log, const char* out_dir, int append) {
 
 static int train_run(int argc, char** argv, const Backend* be) {
     TrainArgs a = {
-        "data/tinyshakespeare/train.bin", "data/tinyshakespeare/val.bin", "out", "", "lstm", "stop", "fp32",
+        "data/tinyshakespeare/train.bin", "data/tinyshakespeare/val.bin", "out", "", "lstm", "stop", "fp32", "step",
         2, 128, 256, 32, 64, 2000, 200, 500, 0,
-        0, 0, 1, 200, 0,
-        2e-3f, 0.01f, 1.0f, 1.0f, 0.0f, 1.0f,
+        0, 0, 1, 200, 0, 0,
+        2e-3f, 0.01f, 1.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f,
         1337,
     };
     Flag flags[] = {
@@ -284,13 +328,17 @@ static int train_run(int argc, char** argv, const Backend* be) {
         { 'H', 'i', &a.hidden_size, "hidden size", 0 },
         { 'b', 'i', &a.B, "batch size (number of streams)", 0 },
         { 't', 'i', &a.T, "BPTT length", 0 },
-        { 'n', 'i', &a.max_steps, "max steps (total, counting resumed ones)", 0 },
+        { 'n', 'i', &a.max_steps, "max steps (total, counting resumed ones; with -x, an upper bound)", 0 },
+        { 'x', 'i', &a.budget, "wall-clock budget in seconds: fits the step count to it (0 = none)", 0 },
         { 'l', 'f', &a.lr, "learning rate (AdamW, betas 0.9 0.999, eps 1e-8)", 0 },
         { 'w', 'f', &a.weight_decay, "weight decay (all parameters)", 0 },
         { 'g', 'f', &a.grad_clip, "global grad-norm clip (0 = off)", 0 },
         { 'u', 'i', &a.warmup, "linear warmup steps", 0 },
         { 'q', 'f', &a.final_lr_frac, "cosine decay to this fraction of -l (1 = constant)", 0 },
         { 'p', 'f', &a.dropout, "dropout between layers and before the head", 0 },
+        { 'd', 's', &a.masks, "dropout masks: step (fresh each step) or locked (one per stream per batch)", 0 },
+        { 'W', 'f', &a.weight_drop, "weight drop: DropConnect on every W_hh, one mask per batch", 0 },
+        { 'D', 'f', &a.embed_dropout, "embedding dropout: whole rows of the table, one mask per batch", 0 },
         { 'C', 'i', &a.carry, "carry hidden state across batches (0 = independent windows)", 0 },
         { 'v', 'i', &a.eval_every, "eval every N steps over the whole val split (0 = end only)", 0 },
         { 's', 'i', &a.sample_every, "sample every N steps (0 = end only)", 0 },
@@ -330,7 +378,7 @@ static int train_run(int argc, char** argv, const Backend* be) {
                 TRY(fail("%s and %s have different vocabularies", a.train_path, a.val_path));
         }
         Config cfg = { cell_from_name(a.cell_name), train.vocab_size, a.embed_size, a.hidden_size, a.n_layers };
-        int start_step = 0;
+        int start_step = 0, planned_steps = 0;
         if (a.resume[0]) {
             const char* ck_path = a.resume;
             if (strcmp(a.resume, "latest") == 0) { TRY(resolve_latest(path, sizeof(path), a.out_dir)); ck_path = path; }
@@ -358,6 +406,14 @@ static int train_run(int argc, char** argv, const Backend* be) {
             // -p and -M may change what the checkpoint trained with; unsaid, it carries on
             if (!given(flags, n_flags, 'p')) a.dropout = ck.opts.dropout;
             if (!given(flags, n_flags, 'M')) a.precision = ck.opts.bf16 ? "bf16" : "fp32";
+            if (!given(flags, n_flags, 'd')) a.masks = ck.opts.locked ? "locked" : "step";
+            if (!given(flags, n_flags, 'W')) a.weight_drop = ck.opts.weight_drop;
+            if (!given(flags, n_flags, 'D')) a.embed_dropout = ck.opts.embed_dropout;
+            // a budget's step count goes on (the cosine schedule depends on it); -n still bounds it
+            if (ck.planned_steps > 0) {
+                planned_steps = ck.planned_steps;
+                if (!given(flags, n_flags, 'n') || planned_steps < a.max_steps) a.max_steps = planned_steps;
+            }
             TRY(check_args(&a));   // what came from the file obeys the same limits as flags
             cfg = k;
             start_step = ck.step;
@@ -381,7 +437,8 @@ static int train_run(int argc, char** argv, const Backend* be) {
         if (lead) { h_all = (float*)alloc_floats(lbh * dist.size); c_all = (float*)alloc_floats(lbh * dist.size); }
         inputs = (int*)malloc(bt * sizeof(int)); targets = (int*)malloc(bt * sizeof(int));
         TRY(params && m && v && h && c && (!lead || (h_all && c_all)) && inputs && targets ? 0 : fail("out of memory"));
-        TrainOptions opts = { a.dropout, strcmp(a.precision, "bf16") == 0 };
+        TrainOptions opts = { a.dropout, strcmp(a.masks, "locked") == 0, a.weight_drop, a.embed_dropout,
+                              strcmp(a.precision, "bf16") == 0 };
         run = be->create(cfg, local_B, a.T, &opts);
         TRY(run ? 0 : -1);
         if (a.resume[0]) {
@@ -413,6 +470,11 @@ static int train_run(int argc, char** argv, const Backend* be) {
         StepParams sp = { a.lr, 0.9f, 0.999f, 1e-8f, a.weight_decay, a.grad_clip };
         int skip = strcmp(a.nonfinite, "skip") == 0;
         float val_loss = NAN;
+        Budget budget = { a.budget * 1e3, process_start_ms, 0, 0.0, 0.0, 0.0, 0.0, 0 };
+        if (a.budget > 0) {
+            budget.plan_after = planned_steps ? -1 : start_step + (a.warmup > 10 ? a.warmup : 10);
+            if (!planned_steps && !given(flags, n_flags, 'n')) a.max_steps = 1 << 30;   // until the count is fixed
+        }
         for (int step = start_step; step < a.max_steps; step++) {
             sp.lr = lr_at(&a, step);
             int wrapped = loader_next(&loader, inputs, targets);
@@ -423,6 +485,7 @@ static int train_run(int argc, char** argv, const Backend* be) {
             // the backend agrees on the step's outcome itself (dist_step_mean, before its gradients' all-reduce)
             SAME(be->train_step(run, &loss, &norm, inputs + (size_t)first * a.T, targets + (size_t)first * a.T, &sp));
             double ms = now_ms() - t0, comm_ms = dist.comm_ms - comm0;
+            if (step >= start_step + 3) { budget.train_ms += ms; budget.n_timed++; }   // past the first allocations
             if (dist.size > 1 && !dist.step_averaged)
                 SAME(fail("the %s backend does not average its gradients over ranks: run it as one process", be->name));
             if (!isfinite(loss) || !isfinite(norm)) {
@@ -443,16 +506,34 @@ static int train_run(int argc, char** argv, const Backend* be) {
                 if (log) fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"grad_norm\": %.6f, \"lr\": %.6g, \"ms\": %.3f, "
                                  "\"comm_ms\": %.3f, \"tok_s\": %.1f}\n", step + 1, loss, norm, sp.lr, ms, comm_ms, bt / (ms / 1e3));
             }
+            if (budget.budget_ms > 0.0 && budget.plan_after < 0 && step + 1 < a.max_steps &&
+                rank0_decides(now_ms() - budget.start_ms + budget_tail_ms(&budget) > budget.budget_ms)) {
+                printf("budget: out of time, ending at step %d of %d\n", step + 1, a.max_steps);
+                a.max_steps = step + 1;
+            }
             int last = step + 1 == a.max_steps;
-            if (have_val && ((a.eval_every && (step + 1) % a.eval_every == 0) || last)) {
+            int plan = step + 1 == budget.plan_after && !last;
+            if (have_val && ((a.eval_every && (step + 1) % a.eval_every == 0) || last || plan)) {
+                double e0 = now_ms();
                 SAME(evaluate(&val_loss, be, run, &val, a.B, a.T, local_B, inputs, targets, h, c, lbh));
+                budget.eval_ms = now_ms() - e0;
                 printf("step %5d | val loss %.4f\n", step + 1, val_loss);
                 if (log) fprintf(log, "{\"step\": %d, \"val_loss\": %.6f}\n", step + 1, val_loss);
             }
+            if (plan) {
+                a.max_steps = planned_steps = budget_plan(&budget, &a, have_val, step + 1, a.max_steps);
+                budget.plan_after = -1;
+                last = step + 1 == a.max_steps;
+                if (log) fprintf(log, "{\"step\": %d, \"planned_steps\": %d}\n", step + 1, planned_steps);
+            }
             if (log) fflush(log);
-            if (lead && ((a.sample_every && (step + 1) % a.sample_every == 0) || last))
+            if (lead && ((a.sample_every && (step + 1) % a.sample_every == 0) || last)) {
+                double s0 = now_ms();
                 print_sample(be, run, &train, a.sample_len, a.temperature, a.top_k, (uint64_t)a.seed + step);
+                budget.sample_ms = now_ms() - s0;
+            }
             if ((a.ckpt_every && (step + 1) % a.ckpt_every == 0) || last) {
+                double k0 = now_ms();
                 // rank 0 writes its replica of the model and every rank's carried state, in global stream order
                 Checkpoint k;
                 memset(&k, 0, sizeof(k));
@@ -465,11 +546,13 @@ static int train_run(int argc, char** argv, const Backend* be) {
                 dist_gather_streams(h_all, h, cfg.n_layers, local_B, cfg.hidden_size);
                 dist_gather_streams(c_all, c, cfg.n_layers, local_B, cfg.hidden_size);
                 k.config = cfg; k.B = a.B; k.T = a.T; k.step = step + 1; k.carry = a.carry; k.opts = opts;
+                k.planned_steps = planned_steps;
                 memcpy(k.vocab, train.vocab, 256);
                 k.params = params; k.m = m; k.v = v; k.h = h_all; k.c = c_all;
                 k.data_pos = loader.pos;
                 TRY(lead ? save_checkpoint(&keeper, &k) : 0);
                 printf("saved %s/%s\n", a.out_dir, keeper.previous[0]);
+                budget.ckpt_ms = now_ms() - k0;
             }
         }
         if (start_step >= a.max_steps) printf("checkpoint is at step %d, -n is %d: nothing to train\n", start_step, a.max_steps);
@@ -488,6 +571,7 @@ done:
 }
 
 int train_main(int argc, char** argv, const Backend* be) {
+    process_start_ms = now_ms();
     if (dist_init()) { fprintf(stderr, "error: %s\n", pyrnn_last_error()); return 1; }
     // rank 0 alone prints (a rank whose stdout cannot be silenced prints too, which is harmless)
     FILE* out = dist.rank > 0 ? freopen("/dev/null", "w", stdout) : stdout;

@@ -182,7 +182,8 @@ static uint32_t crc32_update(uint32_t crc, const unsigned char* p, size_t n) {
 typedef struct {
     Config config;
     int B, T, step, carry, adam_t;
-    TrainOptions opts;       // as trained (dropout 0 and fp32 in files that predate them), so a loaded model knows
+    TrainOptions opts;       // as trained (zeros, fp32, in files that predate them), so a loaded model knows
+    int planned_steps;       // the step count a -x budget fixed (0: none), so a resumed run keeps its schedule
     unsigned char vocab[256];
     float *params, *m, *v;   // model_num_params(config) each
     int64_t data_pos;
@@ -235,6 +236,10 @@ static void checkpoint_write_fn(Writer* w, const void* arg) {
     header[7] = k->B; header[8] = k->T; header[9] = k->step; header[10] = k->carry; header[11] = k->adam_t;
     memcpy(&header[12], &k->opts.dropout, 4);
     header[13] = k->opts.bf16;
+    header[14] = k->opts.locked;
+    memcpy(&header[15], &k->opts.weight_drop, 4);
+    memcpy(&header[16], &k->opts.embed_dropout, 4);
+    header[17] = k->planned_steps;
     size_t P = model_num_params(k->config), lbh = (size_t)k->config.n_layers * k->B * k->config.hidden_size;
     writer_put(w, header, sizeof(header));
     writer_put(w, k->vocab, 256);
@@ -267,8 +272,16 @@ static int checkpoint_parse(Checkpoint* k, const char* path) {
     k->B = h[7]; k->T = h[8]; k->step = h[9]; k->carry = h[10]; k->adam_t = h[11];
     memcpy(&k->opts.dropout, &h[12], 4);
     k->opts.bf16 = h[13];
-    if (!(k->opts.dropout >= 0.0f && k->opts.dropout < 1.0f)) return fail("%s: bad dropout rate in header", path);
-    if (k->opts.bf16 != 0 && k->opts.bf16 != 1) return fail("%s: bad precision %d in header", path, k->opts.bf16);
+    k->opts.locked = h[14];
+    memcpy(&k->opts.weight_drop, &h[15], 4);
+    memcpy(&k->opts.embed_dropout, &h[16], 4);
+    k->planned_steps = h[17];
+    const TrainOptions* o = &k->opts;
+    if (!(o->dropout >= 0.0f && o->dropout < 1.0f) || !(o->weight_drop >= 0.0f && o->weight_drop < 1.0f) ||
+        !(o->embed_dropout >= 0.0f && o->embed_dropout < 1.0f))
+        return fail("%s: bad dropout rate in header", path);
+    if ((o->bf16 != 0 && o->bf16 != 1) || (o->locked != 0 && o->locked != 1) || k->planned_steps < 0)
+        return fail("%s: bad options in header", path);
     if (k->B < 0 || k->T < 0 || k->step < 0 || k->adam_t < 0) return fail("%s: bad B, T or step in header", path);
     size_t P = model_num_params(k->config), lbh = 0;
     int dims[] = { k->config.n_layers, k->B, k->config.hidden_size };

@@ -33,37 +33,53 @@ static void embedding_forward(float* x, const float* table, const int* tokens, l
     for (long r = 0; r < n; r++) memcpy(x + r * E, table + (size_t)tokens[r] * E, E * sizeof(float));
 }
 
-static void embedding_backward(float* dtable, const float* dx, const int* tokens, long n, int E) {
+// row_scale (V) or NULL: the embedding-dropout mask the forward read the rows through
+static void embedding_backward(float* dtable, const float* dx, const int* tokens, const float* row_scale, long n,
+                               int E) {
     // serial over rows: two rows may share a token
     for (long r = 0; r < n; r++) {
         float* row = dtable + (size_t)tokens[r] * E;
-        for (int e = 0; e < E; e++) row[e] += dx[r * E + e];
+        float scale = row_scale ? row_scale[tokens[r]] : 1.0f;
+        for (int e = 0; e < E; e++) row[e] += dx[r * E + e] * scale;
     }
 }
 
 // ----------------------------------------------------------------------------
-// dropout: mask holds 0 or 1/(1-p), so the backward pass is the same multiply. The draws are
-// counter-based: element (t, stream, j) of a site (a layer's output, or the head's input) is draw j
-// of a splitmix64 sequence seeded by hashing (key, site, t, global stream), so a mask depends on the
-// pass's key and the global stream, never on which process holds the stream or how many it holds
-// (data-parallel ranks draw what one process would). x is (T, B, H), row t*B + b being global
-// stream first + b.
+// the regularisers' masks: each element is 0 or 1/(1-p), so a mask's backward is the same multiply.
+// The draws are counter-based: element j of row r of a site is draw j of a splitmix64 sequence
+// seeded by hashing (the pass's key, the site, the row's id), so a mask depends on the key and on
+// global indices only, never on which process holds a stream or how many it holds (data-parallel
+// ranks draw what one process would). Sites 1..L are the layers' outputs (L: the head's input),
+// then each layer's W_hh (weight drop) and the embedding's rows.
+enum { SITE_WEIGHT_DROP = 1 << 16, SITE_EMBEDDING = 2 << 16 };
 
-static void dropout_forward(float* y, float* mask, const float* x, float p, uint64_t key, int site, int first,
-                            int T, int B, int H) {
+// mask (n_rows, width). Row r's id is (r / B) << 32 | (first + r % B): a step and a global stream for
+// dropout, or the stream alone when per_step is 0 (locked dropout: the same mask at every step), or
+// r itself for the rows of a weight or of the embedding (B = n_rows, first = 0, per_step = 0)
+static void draw_mask(float* mask, float p, uint64_t key, int site, long n_rows, int width, int B, int first,
+                      int per_step) {
     float scale = 1.0f / (1.0f - p);
     uint64_t site_seed = key + (uint64_t)site;
     uint64_t site_key = rng_next(&site_seed);
-    #pragma omp parallel for schedule(static) if ((long)T * B * H > PAR_MIN_WORK)
-    for (long r = 0; r < (long)T * B; r++) {
-        uint64_t row_seed = site_key ^ ((uint64_t)(r / B) << 32 | (uint32_t)(first + r % B));
+    #pragma omp parallel for schedule(static) if (n_rows * width > PAR_MIN_WORK)
+    for (long r = 0; r < n_rows; r++) {
+        uint64_t step = per_step ? (uint64_t)(r / B) << 32 : 0;
+        uint64_t row_seed = site_key ^ (step | (uint32_t)(first + r % B));
         uint64_t draws = rng_next(&row_seed);
-        for (int j = 0; j < H; j++) {
-            size_t i = (size_t)r * H + j;
-            mask[i] = rng_uniform(&draws) < p ? 0.0f : scale;
-            y[i] = x[i] * mask[i];
-        }
+        for (int j = 0; j < width; j++) mask[(size_t)r * width + j] = rng_uniform(&draws) < p ? 0.0f : scale;
     }
+}
+
+static void multiply(float* y, const float* x, const float* mask, size_t n) {
+    #pragma omp parallel for schedule(static) if ((long)n > PAR_MIN_WORK)
+    for (long i = 0; i < (long)n; i++) y[i] = x[i] * mask[i];
+}
+
+// dropout of x (T, B, H), whose row t*B + b is global stream first + b: y = x * mask
+static void dropout_forward(float* y, float* mask, const float* x, float p, int locked, uint64_t key, int site,
+                            int first, int T, int B, int H) {
+    draw_mask(mask, p, key, site, (long)T * B, H, B, first, !locked);
+    multiply(y, x, mask, (size_t)T * B * H);
 }
 
 static void dropout_backward(float* dx, const float* mask, size_t n) {
@@ -79,11 +95,15 @@ uint64_t pyrnn_dropout_state(uint64_t seed) { return seed ^ 0x5DEECE66Dull; }
 
 typedef struct {
     int cell, input_size, hidden_size, n_layers, has_bias;
-    float dropout;       // between layers, applied while training
+    // regularisers, applied while training (TrainOptions); embed_dropout needs a table
+    float dropout, weight_drop, embed_dropout;
+    int locked;
     int training;
-    int dropped;         // whether the last forward applied dropout (backward must match it)
-    uint64_t* rng;       // the owner's generator: one draw per pass that drops, the key of its masks
+    int dropped, weights_dropped, rows_dropped;   // what the last forward applied (backward must match it)
+    uint64_t* rng;       // the owner's generator: one draw per pass that regularises, the key of its masks
     uint64_t drop_key;   // the last pass's
+    float **w_dropped, **w_mask;   // per layer (G*H, H), weight drop: W_hh * mask, and the mask
+    float* w_drop_memory;
     int first_stream;    // global index of batch row 0 (a data-parallel rank's first stream)
     Matmul* mm;          // the owner's GEMM context: its kernels (ISA, precision) and scratch
     // per-layer pointer tables into the parameter and gradient buffers
@@ -106,8 +126,10 @@ typedef struct {
     // so x W_ih^T is a row of proj = table W_ih^T, a V-row GEMM and a gather instead of a B*T-row GEMM
     // (for a character model 30x fewer FLOPs in that projection, and again in both its gradients)
     const int* tokens;   // (T, B), or NULL
-    const float* table;
+    const float* table;  // what this pass reads: table_weights, or table_dropped
+    const float* table_weights;
     float* dtable;
+    float *table_dropped, *table_mask;   // embedding dropout: (V, input_size) rows scaled by (V) mask
     int table_rows;      // V, fixed at creation; 0 when the stack never reads tokens
     float *proj;         // (V, G*H)
     float *dproj;        // (V, G*H), rows by slot: the batch's distinct tokens in order
@@ -121,6 +143,15 @@ typedef struct {
     float *w_packed;     // W_hh laid out once per pass for the per-step GEMMs
 } Stack;
 
+// the stack's per-layer pointer tables, for allocating and freeing them
+enum { N_STACK_TABLES = 16 };
+static void stack_tables(float*** out[N_STACK_TABLES], Stack* s) {
+    float*** all[N_STACK_TABLES] = { &s->w_ih, &s->w_hh, &s->b_ih, &s->b_hh, &s->dw_ih, &s->dw_hh, &s->db_ih,
+                                     &s->db_hh, &s->h, &s->c, &s->gates, &s->hn, &s->xin, &s->mask, &s->w_dropped,
+                                     &s->w_mask };
+    memcpy(out, all, sizeof(all));
+}
+
 // points the stack's tables into params / grads; returns the number of floats used, or 0 on error
 static size_t stack_init(Stack* s, int cell, int input_size, int hidden_size, int n_layers, int has_bias,
                          float* params, float* grads) {
@@ -129,9 +160,9 @@ static size_t stack_init(Stack* s, int cell, int input_size, int hidden_size, in
     s->cell = cell; s->input_size = input_size; s->hidden_size = hidden_size;
     s->n_layers = n_layers; s->has_bias = has_bias;
     int L = n_layers, H = hidden_size, GH = cell_gates(cell) * H;
-    float*** tables[] = { &s->w_ih, &s->w_hh, &s->b_ih, &s->b_hh, &s->dw_ih, &s->dw_hh, &s->db_ih, &s->db_hh,
-                          &s->h, &s->c, &s->gates, &s->hn, &s->xin, &s->mask };
-    for (size_t i = 0; i < sizeof(tables) / sizeof(tables[0]); i++) {
+    float*** tables[N_STACK_TABLES];
+    stack_tables(tables, s);
+    for (int i = 0; i < N_STACK_TABLES; i++) {
         *tables[i] = (float**)calloc(L, sizeof(float*));
         if (!*tables[i]) { fail("out of memory"); return 0; }
     }
@@ -166,12 +197,13 @@ static int projects_per_step(const Stack* s, int l) {
 }
 
 static void stack_free(Stack* s) {
-    float*** tables[] = { &s->w_ih, &s->w_hh, &s->b_ih, &s->b_hh, &s->dw_ih, &s->dw_hh, &s->db_ih, &s->db_hh,
-                          &s->h, &s->c, &s->gates, &s->hn, &s->xin, &s->mask };
-    for (size_t i = 0; i < sizeof(tables) / sizeof(tables[0]); i++) { free(*tables[i]); *tables[i] = NULL; }
+    float*** tables[N_STACK_TABLES];
+    stack_tables(tables, s);
+    for (int i = 0; i < N_STACK_TABLES; i++) { free(*tables[i]); *tables[i] = NULL; }
     free(s->zero_bias); free(s->zero_bias_grad); free(s->acts_memory); free(s->w_packed); free(s->token_slot);
+    free(s->w_drop_memory); free(s->table_dropped);
     s->token_slot = s->seen = NULL;
-    s->zero_bias = s->zero_bias_grad = s->acts_memory = s->w_packed = NULL;
+    s->zero_bias = s->zero_bias_grad = s->acts_memory = s->w_packed = s->w_drop_memory = s->table_dropped = NULL;
 }
 
 // (re)lays out the activation buffer for B x T; allocates only when the shape grows
@@ -271,9 +303,10 @@ static void input_projection_lookup_backward(Stack* s) {
     for (int i = 0; i < n; i++) memcpy(s->table_seen + (size_t)i * E, s->table + (size_t)s->seen[i] * E, E * sizeof(float));
     matmul(s->mm, s->dw_ih[0], s->dproj, 1, GH, s->table_seen, E, 1, GH, E, n, 1);
     matmul(s->mm, s->table_seen, s->dproj, GH, 1, s->w_ih[0], E, 1, n, E, GH, 0);
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n; i++) {   // a dropped embedding row's gradient goes through its scale
         float* row = s->dtable + (size_t)s->seen[i] * E;
-        for (int e = 0; e < E; e++) row[e] += s->table_seen[(size_t)i * E + e];
+        float scale = s->rows_dropped ? s->table_mask[s->seen[i]] : 1.0f;
+        for (int e = 0; e < E; e++) row[e] += s->table_seen[(size_t)i * E + e] * scale;
     }
 }
 
@@ -340,7 +373,7 @@ static void layer_forward(Stack* s, int l) {
     const float *b_ih = s->b_ih[l], *b_hh = s->b_hh[l];
     int per_step = projects_per_step(s, l);
     project_inputs_forward(s, l, per_step, PROJ_BEFORE, 0, 0, 0);
-    pack_b(k, s->w_packed, s->w_hh[l], H, GH, 1, H);
+    pack_b(k, s->w_packed, s->weights_dropped ? s->w_dropped[l] : s->w_hh[l], H, GH, 1, H);
     // batch rows never interact in the recurrence: each thread runs all T steps for its own rows,
     // with no barrier inside the loop (a barrier per step dominated small models)
     #pragma omp parallel if ((long)B * GH * H > PAR_MIN_WORK)
@@ -395,7 +428,7 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
     float *dh = s->dh, *dc = s->dc;
     if (dh_n) memcpy(dh, dh_n, bh * sizeof(float)); else memset(dh, 0, bh * sizeof(float));
     if (c) { if (dc_n) memcpy(dc, dc_n, bh * sizeof(float)); else memset(dc, 0, bh * sizeof(float)); }
-    pack_b(k, s->w_packed, s->w_hh[l], GH, H, H, 1);
+    pack_b(k, s->w_packed, s->weights_dropped ? s->w_dropped[l] : s->w_hh[l], GH, H, H, 1);
     int per_step = projects_per_step(s, l);
     project_inputs_backward(s, l, per_step, dxin, PROJ_BEFORE, 0, 0, 0);
     #pragma omp parallel if ((long)B * GH * H > PAR_MIN_WORK)
@@ -427,12 +460,57 @@ static void layer_backward(Stack* s, int l, float* dxin, float* dh0, float* dc0,
             project_inputs_backward(s, l, per_step, dxin, PROJ_STEP, t, b0, b1);
         }
     }
-    // weight gradients for all T steps at once
-    matmul(s->mm, s->dw_hh[l], s->dgates_h, 1, GH, h, H, 1, GH, H, (int)bt, 1);
+    // weight gradients for all T steps at once; under weight drop, through the mask (w_dropped is
+    // free by now: the recurrence above read its packed copy)
+    if (s->weights_dropped) {
+        matmul(s->mm, s->w_dropped[l], s->dgates_h, 1, GH, h, H, 1, GH, H, (int)bt, 0);
+        const float* mask = s->w_mask[l];
+        float *dw = s->dw_hh[l], *g = s->w_dropped[l];
+        #pragma omp parallel for schedule(static) if ((long)GH * H > PAR_MIN_WORK)
+        for (long i = 0; i < (long)GH * H; i++) dw[i] += g[i] * mask[i];
+    } else {
+        matmul(s->mm, s->dw_hh[l], s->dgates_h, 1, GH, h, H, 1, GH, H, (int)bt, 1);
+    }
     project_inputs_backward(s, l, per_step, dxin, PROJ_AFTER, 0, 0, 0);
     if (s->has_bias) bias_backward(s, l);
     if (dh0) memcpy(dh0, dh, bh * sizeof(float));
     if (dc0 && c) memcpy(dc0, dc, bh * sizeof(float));
+}
+
+// A training pass that regularises takes one draw of the owner's generator, the key of all its
+// masks, and drops its weights and embedding rows here, before anything reads them (a stack with no
+// generator, the layer API's, never regularises)
+static int stack_begin_pass(Stack* s) {
+    int on = s->training && s->rng;
+    s->dropped = on && s->dropout > 0.0f;
+    s->weights_dropped = on && s->weight_drop > 0.0f;
+    s->rows_dropped = on && s->embed_dropout > 0.0f && s->table_rows > 0;
+    s->table = s->table_weights;
+    if (!s->dropped && !s->weights_dropped && !s->rows_dropped) return 0;
+    s->drop_key = rng_next(s->rng);
+    int L = s->n_layers, H = s->hidden_size, GH = cell_gates(s->cell) * H, V = s->table_rows, E = s->input_size;
+    if (s->weights_dropped) {
+        size_t n = (size_t)GH * H;
+        if (!s->w_drop_memory && !(s->w_drop_memory = (float*)alloc_floats(2 * L * n)))
+            return fail("out of memory for weight drop");
+        for (int l = 0; l < L; l++) {
+            s->w_dropped[l] = s->w_drop_memory + 2 * l * n;
+            s->w_mask[l] = s->w_dropped[l] + n;
+            draw_mask(s->w_mask[l], s->weight_drop, s->drop_key, SITE_WEIGHT_DROP + l, GH, H, GH, 0, 0);
+            multiply(s->w_dropped[l], s->w_hh[l], s->w_mask[l], n);
+        }
+    }
+    if (s->rows_dropped) {
+        if (!s->table_dropped && !(s->table_dropped = (float*)alloc_floats((size_t)V * E + V)))
+            return fail("out of memory for embedding dropout");
+        s->table_mask = s->table_dropped + (size_t)V * E;
+        draw_mask(s->table_mask, s->embed_dropout, s->drop_key, SITE_EMBEDDING, V, 1, V, 0, 0);
+        for (int v = 0; v < V; v++)
+            for (int e = 0; e < E; e++)
+                s->table_dropped[(size_t)v * E + e] = s->table_weights[(size_t)v * E + e] * s->table_mask[v];
+        s->table = s->table_dropped;
+    }
+    return 0;
 }
 
 // x: (T, B, input_size), taken as layer 0's input by pointer (must stay alive until backward);
@@ -441,8 +519,6 @@ static int stack_forward_acts(Stack* s, const float* x, const float* h0, const f
     if (stack_reserve(s, B, T)) return -1;
     int L = s->n_layers, H = s->hidden_size;
     size_t bh = (size_t)B * H;
-    s->dropped = s->training && s->dropout > 0.0f;
-    if (s->dropped) s->drop_key = rng_next(s->rng);
     s->xin[0] = (float*)x;
     for (int l = 0; l < L; l++) {
         if (h0) memcpy(s->h[l], h0 + l * bh, bh * sizeof(float)); else memset(s->h[l], 0, bh * sizeof(float));
@@ -450,7 +526,8 @@ static int stack_forward_acts(Stack* s, const float* x, const float* h0, const f
             if (c0) memcpy(s->c[l], c0 + l * bh, bh * sizeof(float)); else memset(s->c[l], 0, bh * sizeof(float));
         }
         if (l > 0 && s->dropped)
-            dropout_forward(s->xin[l], s->mask[l - 1], s->h[l - 1] + bh, s->dropout, s->drop_key, l, s->first_stream, T, B, H);
+            dropout_forward(s->xin[l], s->mask[l - 1], s->h[l - 1] + bh, s->dropout, s->locked, s->drop_key, l,
+                            s->first_stream, T, B, H);
         layer_forward(s, l);
     }
     return 0;
@@ -557,7 +634,7 @@ int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float*
     memcpy(m->x, x, n * sizeof(float));
     // padding past a sequence's end is never read as input, but dW_ih sums over every row of x
     zero_past_lengths(m->x, m->s.lengths, B, T, m->s.input_size);
-    if (stack_forward_acts(&m->s, m->x, h0, c0, B, T)) return -1;
+    if (stack_begin_pass(&m->s) || stack_forward_acts(&m->s, m->x, h0, c0, B, T)) return -1;
     size_t bh = (size_t)B * m->s.hidden_size;
     memcpy(out, m->s.h[m->s.n_layers - 1] + bh, (size_t)T * bh * sizeof(float));
     zero_past_lengths(out, m->s.lengths, B, T, m->s.hidden_size);
@@ -583,7 +660,7 @@ void layer_zero_grad(Layer* m) { zero_floats(m->grads, m->num_params); }
 uint64_t pyrnn_dropout_key(uint64_t* rng) { return rng_next(rng); }
 void pyrnn_dropout_forward(float* y, float* mask, const float* x, float p, uint64_t key, int site, int T, int B,
                            int width) {
-    dropout_forward(y, mask, x, p, key, site, 0, T, B, width);
+    dropout_forward(y, mask, x, p, 0, key, site, 0, T, B, width);
 }
 
 // ----------------------------------------------------------------------------
@@ -647,7 +724,7 @@ Model* model_new(Config c) {
     m->head_b = m->params + off[3]; m->dhead_b = m->grads + off[3];
     m->rnn.rng = &m->rng;
     m->rnn.mm = &m->mm;
-    m->rnn.table = m->emb; m->rnn.dtable = m->demb; m->rnn.table_rows = c.vocab_size;
+    m->rnn.table = m->rnn.table_weights = m->emb; m->rnn.dtable = m->demb; m->rnn.table_rows = c.vocab_size;
     m->rng = 1;
     return m;
 }
@@ -667,6 +744,13 @@ void model_init(Model* m, uint64_t seed) {
 
 // bf16 (1) or fp32 (0) GEMM operands from the next forward on; parameters and state stay fp32
 void model_set_bf16(Model* m, int bf16) { matmul_set_bf16(&m->mm, bf16); }
+
+// the regularisers beyond dropout (TrainOptions), applied while training
+void model_set_regularisers(Model* m, int locked, float weight_drop, float embed_dropout) {
+    m->rnn.locked = locked;
+    m->rnn.weight_drop = weight_drop;
+    m->rnn.embed_dropout = embed_dropout;
+}
 
 void model_set_training(Model* m, int training, float dropout) {
     m->rnn.training = training;
@@ -722,11 +806,13 @@ int model_forward(Model* m, const int* inputs, const int* targets, const float* 
         }
     int lookup = lookup_pays(bt, (size_t)V);
     m->rnn.tokens = lookup ? m->inputs : NULL;
-    if (!lookup) embedding_forward(m->x, m->emb, m->inputs, (long)bt, m->config.embed_size);
+    if (stack_begin_pass(&m->rnn)) return -1;
+    if (!lookup) embedding_forward(m->x, m->rnn.table, m->inputs, (long)bt, m->config.embed_size);
     if (stack_forward_acts(&m->rnn, lookup ? NULL : m->x, h0, c0, B, T)) return -1;
     const float* top = m->rnn.h[m->config.n_layers - 1] + (size_t)B * H;
     if (m->rnn.dropped)
-        dropout_forward(m->head_in, m->head_mask, top, m->dropout, m->rnn.drop_key, m->config.n_layers, m->rnn.first_stream, T, B, H);
+        dropout_forward(m->head_in, m->head_mask, top, m->dropout, m->rnn.locked, m->rnn.drop_key, m->config.n_layers,
+                        m->rnn.first_stream, T, B, H);
     m->head_x = m->rnn.dropped ? m->head_in : top;
     matmul(&m->mm, m->logits, m->head_x, H, 1, m->head_w, 1, H, (int)bt, V, H, 0);
     // bias, then log-sum-exp per row and the mean cross-entropy
@@ -766,7 +852,9 @@ int model_backward(Model* m) {
     matmul(&m->mm, m->rnn.dy, m->logits, V, 1, m->head_w, H, 1, (int)bt, H, V, 0);
     if (m->rnn.dropped) dropout_backward(m->rnn.dy, m->head_mask, bt * H);
     stack_backward_acts(&m->rnn, m->dx, m->dh0, m->dc0, NULL, NULL);
-    if (!m->rnn.tokens) embedding_backward(m->demb, m->dx, m->inputs, (long)bt, m->config.embed_size);
+    if (!m->rnn.tokens)
+        embedding_backward(m->demb, m->dx, m->inputs, m->rnn.rows_dropped ? m->rnn.table_mask : NULL, (long)bt,
+                           m->config.embed_size);
     m->has_targets = 0;   // the logits now hold gradients
     return 0;
 }
@@ -913,6 +1001,7 @@ static void* cpu_create(Config c, int B, int T, const TrainOptions* opts) {
     r->B = B; r->T = T;
     if (!r->m || !r->h || !r->c || model_adam_alloc(r->m)) { if (r->m) fail("out of memory"); cpu_destroy(r); return NULL; }
     model_set_training(r->m, 1, opts->dropout);   // the dropout generator's state arrives with set_params or init
+    model_set_regularisers(r->m, opts->locked, opts->weight_drop, opts->embed_dropout);
     model_set_bf16(r->m, opts->bf16);
     r->m->rnn.first_stream = dist_first_stream(B);   // masks follow the global stream
     const char* fault = getenv("PYRNN_FAULT_NAN_GRAD_STEP");

@@ -1012,6 +1012,12 @@ static void* gb_create(Config c, int B, int T, const TrainOptions* opts) {
         fail("-M bf16 is a CPU precision; on the GPU, --math tf32 runs the tensor cores");
         return NULL;
     }
+    if (opts->weight_drop > 0.0f || opts->embed_dropout > 0.0f || opts->locked) {
+        fail("%s is not implemented on the GPU yet (train_cpu has it); cuDNN's dropout is per step: use -p",
+             opts->weight_drop > 0.0f ? "-W weight drop" : opts->embed_dropout > 0.0f ? "-D embedding dropout"
+                                                                                  : "-d locked");
+        return NULL;
+    }
     if (dropout > 0.0f && dist.size > 1) {   // the CPU's counter-based masks follow the global stream; cuDNN's do not
         fail("-p %g on %d GPU ranks: cuDNN's dropout masks depend on the rank, so the run would not train what one "
              "process trains; use -p 0 with train_gpu_mpi", dropout, dist.size);
