@@ -56,6 +56,7 @@ const char* pyrnn_isa(void);   /* the kernel set new models take ("avx2"), NULL 
 int pyrnn_set_isa(const char* name);   /* NULL: the widest this CPU runs */
 const char* pyrnn_isa_list(int cpu_only);
 void model_set_bf16(Model* m, int bf16);
+void model_set_regularisers(Model* m, int locked, float weight_drop, float embed_dropout);
 void layer_set_bf16(Layer* m, int bf16);
 const char* pyrnn_build_flags(void);   /* the compiler flags below, as this build was made */
 const char* pyrnn_last_error(void);

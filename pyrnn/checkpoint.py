@@ -26,9 +26,11 @@ def read_checkpoint(path):
     if zlib.crc32(data[:-4]) != stored:
         raise ValueError(f"{path}: checksum mismatch (corrupted or truncated checkpoint)")
     cell, V, E, H, L, B, T, step, carry, adam_t = (int(x) for x in header[2:12])
-    dropout = float(str(header[12:13].view(np.float32)[0]))   # the shortest decimal: 0.2 reads back as 0.2
+    # rates as the shortest decimal: 0.2 reads back as 0.2
+    dropout, weight_drop, embed_dropout = (float(str(header[w:w + 1].view(np.float32)[0])) for w in (12, 15, 16))
     if not 0 <= cell < len(oracle.CELLS) or min(V, E, H, L) <= 0 or V > 256 or min(B, T, step, adam_t) < 0 \
-            or not 0.0 <= dropout < 1.0 or header[13] not in (0, 1):
+            or not all(0.0 <= r < 1.0 for r in (dropout, weight_drop, embed_dropout)) or header[13] not in (0, 1) \
+            or header[14] not in (0, 1) or header[17] < 0:
         raise ValueError(f"{path}: bad header")
     cell = oracle.CELLS[cell]
     lstm = cell == "lstm"
@@ -52,15 +54,18 @@ def read_checkpoint(path):
     rng = int(take(1, np.uint64)[0])
     return dict(cell=cell, vocab_size=V, embed_size=E, hidden_size=H, num_layers=L, B=B, T=T,
                 step=step, carry=carry, adam_t=adam_t, dropout=dropout, vocab=bytes(data[256:256 + V]),
-                precision=PRECISIONS[int(header[13])],
+                precision=PRECISIONS[int(header[13])], locked_dropout=bool(header[14]), weight_drop=weight_drop,
+                embed_dropout=embed_dropout, planned_steps=int(header[17]),
                 params=oracle.unflatten(flat, shapes), m=m, v=v, data_pos=data_pos, h=h, c=c, rng=rng)
 
 
 def write_checkpoint(path, cell, params, vocab, m=None, v=None, step=0, adam_t=0, B=0, T=0, carry=1,
-                     data_pos=0, h=None, c=None, rng=1, dropout=0.0, precision='fp32'):
+                     data_pos=0, h=None, c=None, rng=1, dropout=0.0, precision='fp32', locked_dropout=False,
+                     weight_drop=0.0, embed_dropout=0.0, planned_steps=0):
     """Writes atomically (temp file, fsync, rename). params: LM state dict in torch order. Word 12 of
     the header holds the dropout rate as a float32 (0 in files that predate it), word 13 the precision
-    trained with (0 fp32, 1 bf16); the tensors are float32 either way."""
+    trained with (0 fp32, 1 bf16; the tensors are float32 either way), 14 locked dropout (0/1), 15 and 16
+    the weight-drop and embedding-dropout rates as float32, 17 the step count a -x budget fixed."""
     cell_id = oracle.cell_id(cell)
     V, E = params["embedding.weight"].shape
     H = params["head.weight"].shape[1]
@@ -71,6 +76,10 @@ def write_checkpoint(path, cell, params, vocab, m=None, v=None, step=0, adam_t=0
     header[:12] = [CKPT_MAGIC, CKPT_VERSION, cell_id, V, E, H, L, B, T, step, carry, adam_t]
     header[12:13].view(np.float32)[0] = dropout
     header[13] = PRECISIONS.index(precision)
+    header[14] = int(locked_dropout)
+    header[15:16].view(np.float32)[0] = weight_drop
+    header[16:17].view(np.float32)[0] = embed_dropout
+    header[17] = planned_steps
     vocab_block = bytearray(256)
     vocab_block[:len(vocab)] = vocab
     lbh = (L, B, H)

@@ -52,6 +52,12 @@ class Engine:
     def set_mode(self, training, dropout):
         """The module's training mode and dropout rate, for engines that keep them (C's Model)."""
 
+    def set_regularisers(self, locked, weight_drop, embed_dropout):
+        """CharLM's regularisers beyond dropout, applied while training: locked dropout masks, weight
+        drop on W_hh, embedding dropout (engines without them refuse a non-default setting)."""
+        if locked or weight_drop or embed_dropout:
+            raise NotImplementedError(f'{type(self).__name__} has no locked dropout, weight drop or embedding dropout')
+
     def set_rng(self, state):
         """Set the dropout generator's state (as a checkpoint holds it)."""
         self.rng = state

@@ -303,6 +303,9 @@ class CLM(LMEngine):
     def set_mode(self, training, dropout):
         self._lib.model_set_training(self.ptr, int(training), dropout)
 
+    def set_regularisers(self, locked, weight_drop, embed_dropout):
+        self._lib.model_set_regularisers(self.ptr, int(locked), weight_drop, embed_dropout)
+
     def forward(self, inputs, targets, h0, c0, p):
         ffi, lib, m = self._ffi, self._lib, self.ptr
         B, T = inputs.shape

@@ -81,20 +81,35 @@ class NumpyCell(NumpyEngine, CellEngine):
 class NumpyLM(NumpyEngine, LMEngine):
     def __init__(self, cell, V, E, H, L, seed, bf16=False):
         super().__init__(oracle.lm_param_shapes(cell, V, E, H, L))
-        self.cell, self.H, self.L, self.bf16 = cell, H, L, bf16
+        self.cell, self.H, self.L, self.V, self.bf16 = cell, H, L, V, bf16
+        self.locked, self.weight_drop, self.embed_dropout, self.training = False, 0.0, 0.0, True
         self.rng = oracle.dropout_state(seed)   # the C model's generator, so both draw the same masks
         self._cache = self._masks = None
 
+    def set_regularisers(self, locked, weight_drop, embed_dropout):
+        self.locked, self.weight_drop, self.embed_dropout = locked, weight_drop, embed_dropout
+
     def forward(self, inputs, targets, h0, c0, p):
         B, T = inputs.shape
-        self._masks = None
-        if p > 0:
-            self._masks, self.rng = oracle.dropout_masks(self.rng, range(1, self.L + 1), T, B, self.H, p)
+        self._masks = wmasks = emask = None
+        # the C model's pass: one key for all masks when any regulariser is on (regularisers act in
+        # training, so p > 0 stands for training with dropout, and p == 0 without targets for eval)
+        wd, ed = (self.weight_drop, self.embed_dropout) if self.training else (0.0, 0.0)
+        if p > 0 or wd > 0 or ed > 0:
+            key, self.rng = oracle.pass_key(self.rng)
+            if p > 0:
+                self._masks = [oracle.dropout_mask(key, s, T, B, self.H, p, locked=self.locked)
+                               for s in range(1, self.L + 1)]
+            if wd > 0:
+                wmasks = oracle.weight_masks(key, self.L, oracle.gates(self.cell) * self.H, self.H, wd)
+            if ed > 0:
+                emask = oracle.embedding_mask(key, self.V, ed)
         # copies: the oracle's cache keeps its inputs until backward (C copies them too)
         inputs, h0, c0 = (None if a is None else a.copy() for a in (inputs, h0, c0))
         loss, logits, h_n, c_n, cache = oracle.lm_forward(
             self.params, self.cell, inputs, targets if targets is not None else np.zeros_like(inputs),
-            h0, c0, p, self._masks, bf16=self.bf16)
+            h0, c0, p, self._masks, bf16=self.bf16, weight_drop=wd, weight_masks=wmasks, embed_dropout=ed,
+            embedding_mask=emask)
         self._cache = cache if targets is not None else None
         return loss, logits, h_n, c_n
 
@@ -107,8 +122,18 @@ class NumpyLM(NumpyEngine, LMEngine):
     def masks(self):
         return None if self._masks is None else [mk.copy() for mk in self._masks]
 
+    def set_mode(self, training, dropout):
+        self.training = training
+
     def sample(self, prime, length, temperature, top_k, seed):
-        # one step at a time, numpy's generator
+        # one step at a time, numpy's generator, in eval mode as C samples
+        training, self.training = self.training, False
+        try:
+            return self._sample(prime, length, temperature, top_k, seed)
+        finally:
+            self.training = training
+
+    def _sample(self, prime, length, temperature, top_k, seed):
         rng, out = np.random.default_rng(seed), []
         _, logits, h, c = self.forward(prime[None], None, None, None, 0.0)
         for _ in range(length):

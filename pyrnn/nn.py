@@ -313,6 +313,11 @@ class GRUCell(_CellBase):
 
 # ----------------------------------------------------------------------------- char LM
 
+def _regularisers_repr(lm):
+    return ''.join(f', {k}={getattr(lm, k)!r}' for k, off in (('weight_drop', 0.0), ('embed_dropout', 0.0),
+                                                               ('locked_dropout', False)) if getattr(lm, k) != off)
+
+
 def _precision_repr(module):
     return '' if module.precision == 'fp32' else f', precision={module.precision!r}'
 
@@ -334,7 +339,8 @@ class CharLM(Module):
     """
 
     def __init__(self, cell, vocab_size, embed_size, hidden_size, num_layers=1,
-                 nonlinearity='tanh', seed=None, backend='c', dropout=0.0, vocab=None, precision='fp32'):
+                 nonlinearity='tanh', seed=None, backend='c', dropout=0.0, vocab=None, precision='fp32',
+                 weight_drop=0.0, embed_dropout=0.0, locked_dropout=False):
         if cell not in oracle.CELLS:
             raise ValueError(f'unknown cell {cell!r}, expected one of {oracle.CELLS}')
         if oracle.rnn_cell(nonlinearity) == 'rnn_relu':
@@ -347,11 +353,15 @@ class CharLM(Module):
         self._dropout, self.seed = validate.dropout(dropout), validate.seed(seed)
         self.backend, self.precision = validate.backend(backend), precision
         bf16 = validate.precision(precision)
+        self.weight_drop = validate.dropout(weight_drop, 'weight_drop')
+        self.embed_dropout = validate.dropout(embed_dropout, 'embed_dropout')
+        self.locked_dropout = bool(locked_dropout)
         self.vocab = None if vocab is None else Vocab(vocab)
         if self.vocab is not None and len(self.vocab) != V:
             raise ValueError(f'vocab has {len(self.vocab)} symbols, vocab_size is {V}')
         validate.check_params(repr(self), oracle.lm_num_params(cell, V, E, H, L))
         self._engine = LM_ENGINES[backend](cell, V, E, H, L, self.seed, bf16=bf16)
+        self._engine.set_regularisers(self.locked_dropout, self.weight_drop, self.embed_dropout)
         self.load_state_dict(oracle.init_lm_params(cell, V, E, H, L, seed=self.seed))
         self.train(True)
         self._can_backward = False
@@ -360,7 +370,7 @@ class CharLM(Module):
     def __repr__(self):
         return (f'CharLM({self.cell!r}, vocab_size={self.vocab_size}, embed_size={self.embed_size}, '
                 f'hidden_size={self.hidden_size}, num_layers={self.num_layers}, '
-                f'dropout={self.dropout}, backend={self.backend!r}{_precision_repr(self)})')
+                f'dropout={self.dropout}, backend={self.backend!r}{_precision_repr(self)}{_regularisers_repr(self)})')
 
     @property
     def dropout(self):
@@ -446,7 +456,9 @@ class CharLM(Module):
             adam = None
         m, v, t = (None, None, 0) if adam is None else (oracle.flatten(adam[0]), oracle.flatten(adam[1]), adam[2])
         write_checkpoint(path, self.cell, self.state_dict(), vocab.symbols, m=m, v=v, adam_t=t,
-                         dropout=self.dropout, rng=self._engine.rng, precision=self.precision)
+                         dropout=self.dropout, rng=self._engine.rng, precision=self.precision,
+                         locked_dropout=self.locked_dropout, weight_drop=self.weight_drop,
+                         embed_dropout=self.embed_dropout)
 
     @classmethod
     def load(cls, path, backend='c', with_vocab=False, precision=None):
@@ -458,6 +470,8 @@ class CharLM(Module):
         ck = read_checkpoint(path)
         model = cls(ck['cell'], ck['vocab_size'], ck['embed_size'], ck['hidden_size'], ck['num_layers'],
                     seed=0, backend=backend, dropout=ck['dropout'], vocab=ck['vocab'],
+                    weight_drop=ck['weight_drop'], embed_dropout=ck['embed_dropout'],
+                    locked_dropout=ck['locked_dropout'],
                     precision=precision or ck['precision'])
         model.load_state_dict(ck['params'])
         model.seed = None                     # the weights and the generator's state come from the file

@@ -159,10 +159,12 @@ def unflatten(vec, shapes):
 
 # ----------------------------------------------------------------------------- dropout
 # The C trainer's masks, draw for draw. Its generator is SplitMix64, whose state is a counter that
-# each draw advances by GAMMA. A training pass takes one draw, its key; every element of a mask is
-# then a pure function of (key, site, t, stream, j): site l in 1..L-1 is the output of layer l-1
-# (the input of layer l), site L the top layer's output before a head; row (t, b) of a site hashes
-# to a SplitMix64 sequence whose draw j decides column j. Dropped when its 24-bit uniform u < p.
+# each draw advances by GAMMA. A training pass that regularises takes one draw, its key; every element
+# of a mask is then a pure function of (key, site, row id, j): site l in 1..L-1 is the output of layer
+# l-1 (the input of layer l), site L the top layer's output before a head, SITE_WEIGHT_DROP + l layer
+# l's W_hh, SITE_EMBEDDING the embedding's rows; each row id hashes to a SplitMix64 sequence whose draw
+# j decides column j. Dropped when its 24-bit uniform u < p. A dropout row's id is (t << 32 | stream),
+# a locked dropout row's the stream alone (one mask for every step), a weight's or the table's row r.
 
 _GAMMA, _MASK64 = 0x9E3779B97F4A7C15, (1 << 64) - 1
 _DROPOUT_SEED_XOR = 0x5DEECE66D   # C's model_init: the generator's state is seed ^ this
@@ -190,23 +192,48 @@ def _next(states):
     return _mix(states + np.uint64(_GAMMA))
 
 
-def dropout_mask(key, site, T, B, width, p, first_stream=0):
-    """Keep-mask (T, B, width) of 0/1 float32 of one site for a pass's key; batch row b is global
-    stream first_stream + b (data-parallel ranks draw what one process would)."""
+SITE_WEIGHT_DROP, SITE_EMBEDDING = 1 << 16, 2 << 16
+
+
+def _keep_mask(key, site, row_ids, width, p):
+    """0/1 float32 keep-mask (row_ids.shape + (width,)) of one site"""
     site_key = _next(np.array([(int(key) + site) & _MASK64], np.uint64))
-    t, b = np.meshgrid(np.arange(T, dtype=np.uint64), np.arange(B, dtype=np.uint64) + np.uint64(first_stream),
-                       indexing='ij')
-    row = site_key ^ ((t << np.uint64(32)) | (b & np.uint64(0xFFFFFFFF)))
-    draws = _next(row)                                  # (T, B): each row's own sequence
+    draws = _next(site_key ^ row_ids)                   # each row's own sequence
     steps = np.arange(1, width + 1, dtype=np.uint64) * np.uint64(_GAMMA)
     u = (_mix(draws[..., None] + steps) >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
     return (u >= np.float32(p)).astype(np.float32)
 
 
-def dropout_masks(state, sites, T, B, width, p, first_stream=0):
+def dropout_mask(key, site, T, B, width, p, first_stream=0, locked=False):
+    """Keep-mask (T, B, width) of 0/1 float32 of one site for a pass's key; batch row b is global
+    stream first_stream + b (data-parallel ranks draw what one process would). locked: the same
+    mask at every step."""
+    t, b = np.meshgrid(np.arange(T, dtype=np.uint64), np.arange(B, dtype=np.uint64) + np.uint64(first_stream),
+                       indexing='ij')
+    t = np.zeros_like(t) if locked else t
+    return _keep_mask(key, site, (t << np.uint64(32)) | (b & np.uint64(0xFFFFFFFF)), width, p)
+
+
+def pass_key(state):
+    """A regularising pass's key, and the generator's state after it."""
+    return int(_next(np.array([state], np.uint64))[0]), dropout_skip(state, 1)
+
+
+def dropout_masks(state, sites, T, B, width, p, first_stream=0, locked=False):
     """One pass's keep-masks, one (T, B, width) array per site, and the generator's state after it."""
-    key = int(_next(np.array([state], np.uint64))[0])
-    return [dropout_mask(key, s, T, B, width, p, first_stream) for s in sites], dropout_skip(state, 1)
+    key, state = pass_key(state)
+    return [dropout_mask(key, s, T, B, width, p, first_stream, locked) for s in sites], state
+
+
+def weight_masks(key, L, rows, cols, p):
+    """Weight drop's keep-masks, one (rows, cols) per layer's W_hh."""
+    ids = np.arange(rows, dtype=np.uint64)
+    return [_keep_mask(key, SITE_WEIGHT_DROP + l, ids, cols, p) for l in range(L)]
+
+
+def embedding_mask(key, V, p):
+    """Embedding dropout's keep-mask (V,): one draw per table row."""
+    return _keep_mask(key, SITE_EMBEDDING, np.arange(V, dtype=np.uint64), 1, p)[:, 0]
 
 
 def dropout_scale(p, dtype):
@@ -481,10 +508,13 @@ def cell_backward(cache, dh, dc=None):
 
 # ----------------------------------------------------------------------------- char LM
 
-def lm_forward(params, cell, inputs, targets, h0=None, c0=None, dropout=0.0, masks=None, bf16=False):
+def lm_forward(params, cell, inputs, targets, h0=None, c0=None, dropout=0.0, masks=None, bf16=False,
+               weight_drop=0.0, weight_masks=None, embed_dropout=0.0, embedding_mask=None):
     """inputs/targets: int (B, T). masks: L keep-masks (T,B,H), the first L-1 between layers,
     the last on the top layer's output before the head (dropout_masks, sites 1..L); required
-    when dropout > 0. bf16: every matmul's operands rounded to bfloat16.
+    when dropout > 0. bf16: every matmul's operands rounded to bfloat16. weight_masks: L keep-masks
+    of W_hh (weight drop, one per layer: oracle.weight_masks); embedding_mask: (V,) keep-mask of the
+    embedding's rows (oracle.embedding_mask); each scaled by 1 / (1 - its rate).
     Returns loss (mean CE over B*T), logits (T,B,V), h_n, c_n, cache."""
     cell = _cell_name(cell)
     emb = params['embedding.weight']
@@ -492,6 +522,13 @@ def lm_forward(params, cell, inputs, targets, h0=None, c0=None, dropout=0.0, mas
     L = stack_shape(stack)[0]
     if dropout > 0 and masks is None:
         raise ValueError('dropout needs its masks: draw them with oracle.dropout_masks')
+    if weight_masks is not None:   # DropConnect: the stack runs on masked copies of W_hh
+        weight_masks = [(m * dropout_scale(weight_drop, emb.dtype)).astype(emb.dtype) for m in weight_masks]
+        for l, m in enumerate(weight_masks):
+            stack[f'weight_hh_l{l}'] = stack[f'weight_hh_l{l}'] * m
+    if embedding_mask is not None:   # whole rows of the table dropped
+        embedding_mask = (embedding_mask * dropout_scale(embed_dropout, emb.dtype)).astype(emb.dtype)
+        emb = emb * embedding_mask[:, None]
     x = emb[inputs.T]  # (T, B, E): the stack runs time-major
     y, h_n, c_n, scache = stack_forward(stack, cell, x, h0, c0, dropout,
                                         None if masks is None else masks[:L - 1], bf16=bf16)
@@ -506,8 +543,9 @@ def lm_forward(params, cell, inputs, targets, h0=None, c0=None, dropout=0.0, mas
     tgt = targets.T  # (T, B)
     logp = np.take_along_axis(z, tgt[..., None], -1)[..., 0] - np.log(sumexp[..., 0])
     loss = -logp.mean()
-    cache = dict(params=params, inputs=inputs, tgt=tgt, y=y, probs=ez / sumexp,
-                 scache=scache, masks=masks, scale=scale, cell=cell, bf16=bf16)
+    cache = dict(params=params, inputs=inputs, tgt=tgt, y=y, probs=ez / sumexp, emb=emb,
+                 scache=scache, masks=masks, scale=scale, cell=cell, bf16=bf16, weight_masks=weight_masks,
+                 embedding_mask=embedding_mask)
     return loss, logits, h_n, c_n, cache
 
 
@@ -533,7 +571,7 @@ def lm_backward(cache):
     # least V rows: layer 0's gate gradients summed by token, then rounded (one matmul row a token)
     by_token = bf16 and T * B >= V
     dx, dh0, dc0, sgrads = stack_backward(cache['scache'], dy, by_token=by_token)
-    emb, tokens = params['embedding.weight'], cache['inputs'].T
+    emb, tokens = cache['emb'], cache['inputs'].T   # emb: the table as the forward read it
     demb = np.zeros_like(emb)
     if by_token:
         seen = np.unique(tokens)
@@ -544,6 +582,10 @@ def lm_backward(cache):
         demb[seen] = _mm(dproj[seen], W_ih, True)
     else:
         np.add.at(demb, tokens, dx)  # repeated tokens accumulate
+    if cache['embedding_mask'] is not None:
+        demb *= cache['embedding_mask'][:, None]
+    for l, m in enumerate(cache['weight_masks'] or []):
+        sgrads[f'weight_hh_l{l}'] = sgrads[f'weight_hh_l{l}'] * m
     grads = {'embedding.weight': demb}
     for k, v in sgrads.items():
         grads['rnn.' + k] = v

@@ -82,9 +82,9 @@ def seed(s):
     return integer('seed', s, lo=0)
 
 
-def dropout(p):
+def dropout(p, name='dropout'):
     if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)) or not 0.0 <= p < 1.0:
-        raise ValueError(f'dropout must be in [0, 1), got {p!r}')
+        raise ValueError(f'{name} must be in [0, 1), got {p!r}')
     return float(p)
 
 
