@@ -30,21 +30,15 @@ build/cflags: FORCE
 DATA_DIR ?= data/tinyshakespeare
 OUT_DIR ?= out/train
 
-.PHONY: all lib deps install train bench test test_c refs clean
+.PHONY: all deps install train bench test test_c refs clean
 
-all: train_cpu test_cpu lib
+all: train_cpu test_cpu
 
 train_cpu: $(C_SRC) $(C_DEPS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
-
-# the shared library behind the bindings (pip builds the same file into pyrnn/_crnn*.so)
-lib: lib/libpyrnn.so
-lib/libpyrnn.so: $(C_SRC) $(C_DEPS)
-	@mkdir -p lib
-	$(CC) $(CFLAGS) -DPYRNN_LIBRARY -shared -fPIC $< -o $@ $(LDLIBS)
 
 # everything the package and its tests need, then the package itself (builds the cffi extension for
 # ARCH). A fresh venv's setuptools (65.5 in Python 3.11's) has no bdist_wheel of its own (it came in
@@ -238,7 +232,6 @@ clean_gpu:
 #   make fuzz        each libFuzzer target for FUZZ_SECONDS (needs clang); without clang, a gcc+ASan
 #                    driver replays the corpus and random mutations of it instead, and says so
 SAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1
-SAN_WARN = $(WARN)
 SAN_ENV = ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 # CPython never frees everything at exit, so leak checking is off only for the interpreter run
 SAN_PY_ENV = LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
@@ -255,10 +248,10 @@ HARD_DATA_PY = import sys, numpy as np; from pyrnn import data; \
 
 $(ASAN_DIR)/train_cpu: $(C_SRC) $(C_DEPS)
 	@mkdir -p $(@D)
-	$(CC) $(SAN_FLAGS) $(OMP) $(SAN_WARN) $< -o $@ $(LDLIBS)
+	$(CC) $(SAN_FLAGS) $(OMP) $(WARN) $< -o $@ $(LDLIBS)
 $(ASAN_DIR)/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
 	@mkdir -p $(@D)
-	$(CC) $(SAN_FLAGS) $(OMP) $(SAN_WARN) $< -o $@ $(LDLIBS)
+	$(CC) $(SAN_FLAGS) $(OMP) $(WARN) $< -o $@ $(LDLIBS)
 
 # the cffi extension built with the sanitizers into a package folder of its own, whose .py files
 # are links to pyrnn/*.py; Python imports it from there when run in that folder
@@ -305,10 +298,10 @@ VALGRIND ?= valgrind
 VG = $(VALGRIND) -q --error-exitcode=1 --leak-check=full
 $(VG_DIR)/train_cpu: $(C_SRC) $(C_DEPS)
 	@mkdir -p $(@D)
-	$(CC) -O2 -g $(OMP) $(SAN_WARN) $< -o $@ $(LDLIBS)
+	$(CC) -O2 -g $(OMP) $(WARN) $< -o $@ $(LDLIBS)
 $(VG_DIR)/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
 	@mkdir -p $(@D)
-	$(CC) -O2 -g $(OMP) $(SAN_WARN) $< -o $@ $(LDLIBS)
+	$(CC) -O2 -g $(OMP) $(WARN) $< -o $@ $(LDLIBS)
 
 valgrind: $(VG_DIR)/train_cpu $(VG_DIR)/test_cpu
 	@command -v $(VALGRIND) > /dev/null || { echo "valgrind not found (apt-get install valgrind)"; exit 1; }
@@ -340,7 +333,7 @@ ifeq ($(origin CLANG),undefined)
 CLANG := $(shell command -v clang 2>/dev/null)
 endif
 FUZZ_CFLAGS = -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-	$(SAN_WARN) -Wno-unknown-pragmas
+	$(WARN) -Wno-unknown-pragmas
 FUZZ_OPTS = -max_len=8192 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
 FUZZ_DEPS = fuzz/fuzz_common.h $(C_SRC) $(C_DEPS)
 # the gcc fallback: the same targets under fuzz/replay_main.c, random mutations per seed in the time box
@@ -352,7 +345,7 @@ $(FUZZ_DIR)/fuzz_%: fuzz/fuzz_%.c $(FUZZ_DEPS)
 	$(CLANG) $(FUZZ_CFLAGS) $< -o $@ -lm
 $(FUZZ_DIR)/replay_%: fuzz/fuzz_%.c fuzz/replay_main.c $(FUZZ_DEPS)
 	@mkdir -p $(@D)
-	$(CC) $(SAN_FLAGS) $(SAN_WARN) -Wno-unknown-pragmas $< fuzz/replay_main.c -o $@ -lm
+	$(CC) $(SAN_FLAGS) $(WARN) -Wno-unknown-pragmas $< fuzz/replay_main.c -o $@ -lm
 
 fuzz_seeds:
 	$(PYTHON) fuzz/make_seeds.py
