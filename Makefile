@@ -1,23 +1,30 @@
 # pyrnn: `make train` runs the main job, `make test` installs what the tests need and runs them.
 PYTHON ?= python3
 CC ?= cc
-# -O3 and OpenMP when the compiler takes them, plain -O2 otherwise; we never read errno, and without
-# -fno-math-errno a sqrtf call keeps the AdamW loop scalar
-try_flag = $(shell echo 'int main(void){return 0;}' | $(CC) $(1) -x c - -o /dev/null 2>/dev/null && echo $(1))
+comma := ,
+empty :=
+space := $(empty) $(empty)
+
 # the CPU to build for: -march=$(ARCH). native (this machine) by default; x86-64-v2 (SSE4.2),
 # x86-64-v3 (AVX2 + FMA), x86-64-v4 (AVX-512) or any other -march value builds for another one:
 # `make train_cpu ARCH=x86-64-v3`. PYRNN_ARCH in the environment sets both this default and the cffi
 # extension's (pyrnn/_build.py); an ARCH variable in the environment is ignored (it often means
-# something else). An ARCH the compiler rejects is an error; native falls back to no -march.
+# something else). Every optimised host compile honours it: the C builds and the GPU builds' host side.
 ifneq ($(origin ARCH),command line)
 ARCH := $(or $(PYRNN_ARCH),native)
 endif
 export PYRNN_ARCH := $(ARCH)
-MARCH := $(if $(filter native,$(ARCH)),$(call try_flag,-march=native),-march=$(ARCH))
-OPT := $(or $(call try_flag,-O3),-O2) $(call try_flag,-fno-math-errno)
-OMP := $(call try_flag,-fopenmp)
+# $(call host_flags,COMPILER,ARCH[,c++]): -O3, -march=ARCH, -fopenmp and -fno-math-errno as far as the
+# compiler takes them, from the flag probe pyrnn/_build.py uses too (pyrnn/_cflags.py). An ARCH the
+# compiler refuses stops make; native falls back to no -march.
+host_flags = $(or $(shell $(PYTHON) pyrnn/_cflags.py --cc '$(1)' --arch '$(2)' --lang $(or $(3),c)),\
+	$(error no flags for $(1) with ARCH=$(2): see the line above))
+# probed once, on first use
+HOST_CFLAGS = $(eval HOST_CFLAGS := $(call host_flags,$(CC),$(ARCH)))$(HOST_CFLAGS)
+OMP = $(filter -fopenmp,$(HOST_CFLAGS))
+MARCH = $(filter -march=%,$(HOST_CFLAGS))
 WARN = -Wall -Wextra -Wno-unused-function
-CFLAGS ?= $(OPT) $(MARCH) $(OMP) $(WARN)
+CFLAGS ?= $(HOST_CFLAGS) $(WARN)
 LDLIBS = -lm
 
 C_SRC = c/train_rnn.c
@@ -146,14 +153,14 @@ gpu_libdir = $(firstword $(wildcard $(1)/lib64/lib$(2).so* $(1)/lib/lib$(2).so*)
 gpu_libflag = $(if $(wildcard $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so),-l$(2),-l:$(notdir $(firstword $(wildcard $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so.[0-9] $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so.[0-9][0-9]))))
 gpu_dep_flags = $(if $(1),-I$(1)/include -L$(dir $(call gpu_libdir,$(1),$(2))) -Xlinker -rpath$(gpu_comma)$(patsubst %/,%,$(dir $(call gpu_libdir,$(1),$(2)))) $(call gpu_libflag,$(1),$(2)),-l$(2))
 GPU_LIBS = $(call gpu_dep_flags,$(CUDNN_ROOT),cudnn) $(call gpu_dep_flags,$(CUBLAS_ROOT),cublas)
-# host side as for the CPU build: OpenMP, -march=native when the host compiler takes them; the C file's
-# `= { 0 }` initialisers are idiomatic C but draw -Wmissing-field-initializers as C++
-gpu_cxx_flag = $(shell echo 'int main(){return 0;}' | $(CXX) $(1) -x c++ - -o /dev/null 2>/dev/null && echo $(gpu_comma)$(1))
-GPU_HOST_FLAGS = $(eval GPU_HOST_FLAGS := -Wall,-Wextra,-Wno-unused-function,-Wno-missing-field-initializers$(call gpu_cxx_flag,-march=native)$(call gpu_cxx_flag,-fopenmp))$(GPU_HOST_FLAGS)
+# the host side as for the CPU build: its flags for ARCH from the host compiler, and its warnings; the C
+# file's `= { 0 }` initialisers are idiomatic C but draw -Wmissing-field-initializers as C++
+GPU_HOST_OPT = $(eval GPU_HOST_OPT := $(call host_flags,$(CXX),$(ARCH),c++))$(GPU_HOST_OPT)
+GPU_HOST_FLAGS = $(GPU_HOST_OPT) $(WARN) -Wno-missing-field-initializers
 GPU_ARCH ?= -gencode arch=compute_90,code=[sm_90,compute_90]
 NVCCFLAGS ?= -O3 -std=c++17 $(GPU_ARCH)
-NVCC_CMD = $(NVCC) $(NVCCFLAGS) -Xcompiler $(GPU_HOST_FLAGS)
-GPU_LDLIBS = $(GPU_LIBS) $(if $(findstring fopenmp,$(GPU_HOST_FLAGS)),-lgomp) -lm
+NVCC_CMD = $(NVCC) $(NVCCFLAGS) -Xcompiler $(subst $(space),$(comma),$(strip $(GPU_HOST_FLAGS)))
+GPU_LDLIBS = $(GPU_LIBS) $(if $(filter -fopenmp,$(GPU_HOST_FLAGS)),-lgomp) -lm
 GPU_SRC = cuda/train_rnn.cu $(C_SRC) $(C_DEPS)
 GPU_REF_CELLS = rnn rnn_relu lstm gru
 
@@ -224,7 +231,8 @@ clean_gpu:
 
 # ---- hardening ----
 # Sanitizers, valgrind and fuzzing of the file readers (docs/hardening.md). Everything builds under
-# build/ and leaves ./train_cpu, ./test_cpu and pyrnn/_crnn*.so alone.
+# build/ and leaves ./train_cpu, ./test_cpu and pyrnn/_crnn*.so alone. The sanitizer builds are for
+# ARCH, as everything else; the valgrind and fuzz builds are generic (see there).
 #   make test_asan   ASan+UBSan builds of test_cpu, train_cpu and the cffi extension; the harness on
 #                    every cell, a train / checkpoint / resume run, the CLI tests on the sanitized
 #                    train_cpu and the pytest suite on the sanitized extension (libasan preloaded)
@@ -248,10 +256,10 @@ HARD_DATA_PY = import sys, numpy as np; from pyrnn import data; \
 
 $(ASAN_DIR)/train_cpu: $(C_SRC) $(C_DEPS)
 	@mkdir -p $(@D)
-	$(CC) $(SAN_FLAGS) $(OMP) $(WARN) $< -o $@ $(LDLIBS)
+	$(CC) $(SAN_FLAGS) $(MARCH) $(OMP) $(WARN) $< -o $@ $(LDLIBS)
 $(ASAN_DIR)/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
 	@mkdir -p $(@D)
-	$(CC) $(SAN_FLAGS) $(OMP) $(WARN) $< -o $@ $(LDLIBS)
+	$(CC) $(SAN_FLAGS) $(MARCH) $(OMP) $(WARN) $< -o $@ $(LDLIBS)
 
 # the cffi extension built with the sanitizers into a package folder of its own, whose .py files
 # are links to pyrnn/*.py; Python imports it from there when run in that folder
@@ -292,7 +300,7 @@ test_asan: asan_build
 	cd $(ASAN_DIR)/py && $(SAN_PY_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider $(CURDIR)/tests \
 		$(foreach t,$(CLI_TESTS) tests/test_kill_resume.py,--ignore=$(CURDIR)/$(t))
 
-# valgrind 3.19 decodes no AVX-512, so this build leaves out -march=native
+# valgrind 3.19 decodes no AVX-512, so this build leaves out -march
 VG_DIR = build/valgrind
 VALGRIND ?= valgrind
 VG = $(VALGRIND) -q --error-exitcode=1 --leak-check=full
@@ -325,7 +333,8 @@ valgrind: $(VG_DIR)/train_cpu $(VG_DIR)/test_cpu
 # fuzz/fuzz_{tokens,checkpoint,reference}.c are libFuzzer targets; fuzz/corpus/<target>/ holds the
 # seeds (python3 fuzz/make_seeds.py), fuzz/crashes/<target>/ the reproducers of past findings, which
 # every run replays first. New corpus entries go to build/fuzz/corpus/<target>/ (fuzz_merge folds a
-# minimized set back into fuzz/corpus). A long run: make fuzz FUZZ_SECONDS=300
+# minimized set back into fuzz/corpus). A long run: make fuzz FUZZ_SECONDS=300. The targets hold
+# only the file readers, so they build without -march.
 FUZZ_SECONDS ?= 20
 FUZZ_TARGETS = tokens checkpoint reference
 FUZZ_DIR = build/fuzz
@@ -416,10 +425,12 @@ fuzz_coverage:
 #                      cffi extension built for x86-64-v3 into build/isa/py (pyrnn/_crnn*.so is untouched)
 #   make check_spills  the GEMM inner loops compiled for x86-64-v3, x86-64-v4 and aarch64 keep their
 #                      accumulators in registers (scripts/check_spills.py)
-# aarch64 needs `apt-get install gcc-aarch64-linux-gnu libgomp1-arm64-cross qemu-user`.
+# aarch64 needs AARCH64_APT:
+AARCH64_APT = apt-get install gcc-aarch64-linux-gnu libgomp1-arm64-cross qemu-user
 ISA_DIR = build/isa
 ISA_CELLS = rnn rnn_relu lstm gru
-ISA_X86 = $(if $(call try_flag,-march=x86-64-v2),x86-64-v2 x86-64-v3 x86-64-v4)
+# the x86-64 levels when the compiler knows them (gcc >= 12; with another compiler only native and aarch64)
+ISA_X86 = $(if $(shell $(PYTHON) pyrnn/_cflags.py --cc '$(CC)' -- -march=x86-64-v2),x86-64-v2 x86-64-v3 x86-64-v4)
 ISA_BUILDS = $(ISA_X86) native aarch64
 ISA_PY_ARCH = x86-64-v3
 ISA_PY_TESTS = tests/test_c_vs_oracle.py tests/test_isa_builds.py
@@ -427,24 +438,23 @@ AARCH64_CC ?= aarch64-linux-gnu-gcc
 AARCH64_SYSROOT ?= /usr/aarch64-linux-gnu
 QEMU_AARCH64 ?= qemu-aarch64 -L $(AARCH64_SYSROOT)
 SPILL_TARGETS ?= x86-64-v3 x86-64-v4 aarch64
-# the x86-64 levels this CPU runs, one a line (gcc >= 12 knows them; with another compiler only native
-# and aarch64 run)
+# the x86-64 levels this CPU runs, one a line
 cpu_levels = printf '%s\n' 'int puts(const char*);' 'int main(void) {' \
 	$(foreach l,$(ISA_X86),'if (__builtin_cpu_supports("$(l)")) puts("$(l)");') 'return 0; }' \
 	| $(CC) -x c - -o $(ISA_DIR)/cpu_levels 2>/dev/null && $(ISA_DIR)/cpu_levels
 
-.PHONY: test_isa test_isa_py check_spills
+.PHONY: test_isa test_isa_py check_spills aarch64_deps
 
+# each build for its own -march (native: this machine, when the compiler takes it)
 $(ISA_DIR)/%/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
 	@mkdir -p $(@D)
-	$(CC) $(OPT) -march=$* $(OMP) $(WARN) $< -o $@ $(LDLIBS)
-$(ISA_DIR)/native/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
+	$(CC) $(call host_flags,$(CC),$*) $(WARN) $< -o $@ $(LDLIBS)
+$(ISA_DIR)/aarch64/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS) | aarch64_deps
 	@mkdir -p $(@D)
-	$(CC) $(OPT) $(call try_flag,-march=native) $(OMP) $(WARN) $< -o $@ $(LDLIBS)
-$(ISA_DIR)/aarch64/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
-	@command -v $(AARCH64_CC) > /dev/null || { echo "$(AARCH64_CC) not found (apt-get install gcc-aarch64-linux-gnu libgomp1-arm64-cross qemu-user)"; exit 1; }
-	@mkdir -p $(@D)
-	$(AARCH64_CC) -O3 -march=armv8-a -fno-math-errno -fopenmp $(WARN) $< -o $@ $(LDLIBS)
+	$(AARCH64_CC) $(call host_flags,$(AARCH64_CC),armv8-a) $(WARN) $< -o $@ $(LDLIBS)
+aarch64_deps:
+	@command -v $(AARCH64_CC) > /dev/null && test -e $(AARCH64_SYSROOT)/lib/libgomp.so.1 \
+		|| { echo "$(AARCH64_CC) or its libgomp not found ($(AARCH64_APT))"; exit 1; }
 
 test_isa: refs $(foreach a,$(ISA_BUILDS),$(ISA_DIR)/$(a)/test_cpu)
 	@command -v $(firstword $(QEMU_AARCH64)) > /dev/null || { echo "$(firstword $(QEMU_AARCH64)) not found (apt-get install qemu-user)"; exit 1; }
