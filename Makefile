@@ -82,52 +82,6 @@ test: install train_cpu test_c
 clean:
 	rm -rf train_cpu test_cpu lib ref build *.egg-info pyrnn/_crnn*.so pyrnn/_crnn*.c pyrnn/_crnn*.o
 
-# ---- MPI ----
-# ./train_cpu_mpi: the CPU trainer built by mpicc with -DUSE_MPI, data-parallel over MPI ranks:
-# `mpiexec -n R ./train_cpu_mpi <train_cpu flags>` (README, "More than one process"). The MPI is
-# MPICC when given, else the mpicc on the PATH (Debian: mpich + libmpich-dev, or openmpi-bin +
-# libopenmpi-dev), else the mpich wheel in the Python environment (pip install mpich: mpicc, mpiexec,
-# mpi.h, libmpi.so; no root needed), installed there when missing; its mpiexec lies beside its mpicc.
-# ./train_gpu_mpi: the GPU trainer with NCCL (cuda/mpi_nccl.cuh) bootstrapped over the same MPI;
-# NCCL from NCCL_PATH, else the CUDA toolkit or the system, else the nvidia-nccl-cu13 wheel.
-mpi_comma := ,
-mpi_py_scripts = $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))" 2>/dev/null)
-ifeq ($(origin MPICC),undefined)
-MPICC = $(eval MPICC := $(or $(shell command -v mpicc 2>/dev/null),$(mpi_py_scripts)/mpicc))$(MPICC)
-endif
-# the compile and link flags the wrapper adds (MPICH: -show, Open MPI: --showme), for nvcc
-mpi_show = $(shell $(MPICC) -show 2>/dev/null || $(MPICC) --showme 2>/dev/null)
-MPI_NVCC_FLAGS = $(foreach w,$(wordlist 2,999,$(mpi_show)),$(if $(filter -I% -L% -l% -D%,$(w)),$(w),$(if $(filter -Wl$(mpi_comma)%,$(w)),-Xlinker $(patsubst -Wl$(mpi_comma)%,%,$(w)))))
-mpi_py_nccl = import nvidia.nccl as m; print(list(m.__path__)[0])
-mpi_sys_nccl = $(wildcard /usr/include/nccl.h /usr/include/x86_64-linux-gnu/nccl.h)
-NCCL_ROOT = $(eval NCCL_ROOT := $(or $(NCCL_PATH),$(if $(wildcard $(CUDA_HOME)/include/nccl.h),$(CUDA_HOME)),$(if $(mpi_sys_nccl),,$(shell $(PYTHON) -c "$(mpi_py_nccl)" 2>/dev/null))))$(NCCL_ROOT)
-
-.PHONY: mpi_deps nccl_deps clean_mpi
-
-mpi_deps:
-	@command -v $(MPICC) > /dev/null 2>&1 || { echo "no mpicc found: installing the mpich wheel into $(PYTHON)'s environment"; \
-		$(PYTHON) -m pip install -q --disable-pip-version-check mpich && command -v $(MPICC) > /dev/null; } \
-		|| { echo "error: no MPI: install one (apt-get install mpich libmpich-dev) or set MPICC"; exit 1; }
-
-train_cpu_mpi: $(C_SRC) $(C_DEPS) | mpi_deps
-	MPICH_CC="$(CC)" OMPI_CC="$(CC)" $(MPICC) -DUSE_MPI $(CFLAGS) $< -o $@ $(LDLIBS)
-	@echo "run it as: $$(dirname $$(command -v $(MPICC)))/mpiexec -n RANKS ./$@ <train_cpu flags>"
-
-nccl_deps:
-	$(PYTHON) -m pip install -q --disable-pip-version-check nvidia-nccl-cu13
-
-# needs cuda/train_rnn.cu to call nccl_init and nccl_step_mean (see cuda/mpi_nccl.cuh); without nvcc
-# it says so and succeeds, as the other GPU targets do
-train_gpu_mpi: cuda/train_rnn.cu cuda/mpi_nccl.cuh $(C_SRC) $(C_DEPS) | mpi_deps
-	@test -n "$(NVCC)" || { echo "nvcc not found (PATH, CUDA_HOME=$(CUDA_HOME)): skipping $@"; exit 0; }; \
-	test -n "$(CUDNN_ROOT)$(gpu_sys_cudnn)" || { echo "error: cuDNN not found: make cuda_deps, or set CUDNN_PATH"; exit 1; }; \
-	test -n "$(NCCL_ROOT)$(mpi_sys_nccl)" || { echo "error: NCCL not found: make nccl_deps, or set NCCL_PATH"; exit 1; }; \
-	echo "$(NVCC_CMD) -DUSE_MPI $(MPI_NVCC_FLAGS) $< -o $@ $(call gpu_dep_flags,$(NCCL_ROOT),nccl) $(GPU_LDLIBS)"; \
-	$(NVCC_CMD) -DUSE_MPI $(MPI_NVCC_FLAGS) $< -o $@ $(call gpu_dep_flags,$(NCCL_ROOT),nccl) $(GPU_LDLIBS)
-
-clean_mpi:
-	rm -f train_cpu_mpi train_gpu_mpi
-
 # ---- GPU ----
 # cuda/: the cuDNN trainer (./train_gpu), its compare-outputs harness (./test_gpu) and the library
 # behind pyrnn/_cuda.py (lib/libpyrnn_cuda.so). Without nvcc these targets say so and succeed.
@@ -135,23 +89,31 @@ clean_mpi:
 # the pip wheels (`make cuda_deps`), which ship only versioned sonames, hence -l:libX.so.N + rpath.
 CUDA_HOME ?= /usr/local/cuda
 ifeq ($(origin NVCC),undefined)
-NVCC := $(shell command -v nvcc 2>/dev/null || { test -x $(CUDA_HOME)/bin/nvcc && echo $(CUDA_HOME)/bin/nvcc; } || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
+NVCC := $(shell for c in nvcc $(CUDA_HOME)/bin/nvcc /usr/local/cuda/bin/nvcc; do command -v $$c && break; done)
 endif
 CXX ?= g++
-gpu_comma := ,
-# the pip wheels' folders; nvidia is a namespace package, so ask for __path__ (evaluated once, on use)
-gpu_py_cudnn = import nvidia.cudnn as m; print(list(m.__path__)[0])
-gpu_py_cublas = import importlib.util as u, os; print(next((p for n in ('nvidia.cu13', 'nvidia.cublas') if u.find_spec(n) for p in u.find_spec(n).submodule_search_locations if os.path.exists(os.path.join(p, 'include', 'cublas_v2.h'))), ''))
-GPU_PIP_CUDNN = $(eval GPU_PIP_CUDNN := $(shell $(PYTHON) -c "$(gpu_py_cudnn)" 2>/dev/null))$(GPU_PIP_CUDNN)
-GPU_PIP_CUBLAS = $(eval GPU_PIP_CUBLAS := $(shell $(PYTHON) -c "$(gpu_py_cublas)" 2>/dev/null))$(GPU_PIP_CUBLAS)
-# root folders (include/ and lib/ or lib64/ below); empty = the compiler's default paths
-gpu_sys_cudnn = $(wildcard /usr/include/cudnn.h /usr/include/x86_64-linux-gnu/cudnn.h)
-CUDNN_ROOT = $(eval CUDNN_ROOT := $(or $(CUDNN_PATH),$(if $(wildcard $(CUDA_HOME)/include/cudnn.h),$(CUDA_HOME)),$(if $(gpu_sys_cudnn),,$(GPU_PIP_CUDNN))))$(CUDNN_ROOT)
-CUBLAS_ROOT = $(eval CUBLAS_ROOT := $(or $(CUBLAS_PATH),$(if $(wildcard $(CUDA_HOME)/include/cublas_v2.h),$(CUDA_HOME)),$(if $(wildcard /usr/include/cublas_v2.h),,$(GPU_PIP_CUBLAS))))$(CUBLAS_ROOT)
-gpu_libdir = $(firstword $(wildcard $(1)/lib64/lib$(2).so* $(1)/lib/lib$(2).so*))
+# the wheels' folders (scripts/gpu_env.py root), looked up once, on use
+GPU_PIP_CUDNN = $(eval GPU_PIP_CUDNN := $(shell $(PYTHON) scripts/gpu_env.py root cudnn))$(GPU_PIP_CUDNN)
+GPU_PIP_CUBLAS = $(eval GPU_PIP_CUBLAS := $(shell $(PYTHON) scripts/gpu_env.py root cublas))$(GPU_PIP_CUBLAS)
+# $(call gpu_root,NAME,HEADER,PIP_VAR): the folder with include/ and lib/ or lib64/ of a library:
+# NAME_PATH, else the CUDA toolkit, else empty when the system has the header (the compiler's default
+# paths), else the wheel
+gpu_sys = $(wildcard /usr/include/$(1) /usr/include/x86_64-linux-gnu/$(1))
+gpu_toolkit = $(if $(wildcard $(CUDA_HOME)/include/$(1)),$(CUDA_HOME))
+gpu_root = $(or $($(1)_PATH),$(call gpu_toolkit,$(2)),$(if $(call gpu_sys,$(2)),,$($(3))))
+CUDNN_ROOT = $(eval CUDNN_ROOT := $(call gpu_root,CUDNN,cudnn.h,GPU_PIP_CUDNN))$(CUDNN_ROOT)
+CUBLAS_ROOT = $(eval CUBLAS_ROOT := $(call gpu_root,CUBLAS,cublas_v2.h,GPU_PIP_CUBLAS))$(CUBLAS_ROOT)
+# a recipe's first line: one line and a failure when a library is missing
+gpu_need = test -n "$($(1)_ROOT)$(call gpu_sys,$(2))" \
+	|| { echo "error: $(3) not found: make $(4), or set $(1)_PATH"; exit 1; }
+need_cudnn = $(call gpu_need,CUDNN,cudnn.h,cuDNN,cuda_deps)
+# $(call gpu_dep_flags,ROOT,X): compile and link flags for libX under ROOT; -lX alone when ROOT is empty.
 # -lX when an unversioned libX.so exists, else -l:libX.so.N (what the wheels ship)
-gpu_libflag = $(if $(wildcard $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so),-l$(2),-l:$(notdir $(firstword $(wildcard $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so.[0-9] $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so.[0-9][0-9]))))
-gpu_dep_flags = $(if $(1),-I$(1)/include -L$(dir $(call gpu_libdir,$(1),$(2))) -Xlinker -rpath$(gpu_comma)$(patsubst %/,%,$(dir $(call gpu_libdir,$(1),$(2)))) $(call gpu_libflag,$(1),$(2)),-l$(2))
+gpu_libdir = $(patsubst %/,%,$(dir $(firstword $(wildcard $(1)/lib64/lib$(2).so* $(1)/lib/lib$(2).so*))))
+gpu_soname = $(notdir $(firstword $(wildcard $(1)/lib$(2).so.[0-9] $(1)/lib$(2).so.[0-9][0-9])))
+gpu_libflag = $(if $(wildcard $(1)/lib$(2).so),-l$(2),-l:$(call gpu_soname,$(1),$(2)))
+gpu_dir_flags = -I$(1)/include -L$(2) -Xlinker -rpath$(comma)$(2) $(call gpu_libflag,$(2),$(3))
+gpu_dep_flags = $(if $(1),$(call gpu_dir_flags,$(1),$(call gpu_libdir,$(1),$(2)),$(2)),-l$(2))
 GPU_LIBS = $(call gpu_dep_flags,$(CUDNN_ROOT),cudnn) $(call gpu_dep_flags,$(CUBLAS_ROOT),cublas)
 # the host side as for the CPU build: its flags for ARCH from the host compiler, and its warnings; the C
 # file's `= { 0 }` initialisers are idiomatic C but draw -Wmissing-field-initializers as C++
@@ -161,7 +123,7 @@ GPU_ARCH ?= -gencode arch=compute_90,code=[sm_90,compute_90]
 NVCCFLAGS ?= -O3 -std=c++17 $(GPU_ARCH)
 NVCC_CMD = $(NVCC) $(NVCCFLAGS) -Xcompiler $(subst $(space),$(comma),$(strip $(GPU_HOST_FLAGS)))
 GPU_LDLIBS = $(GPU_LIBS) $(if $(filter -fopenmp,$(GPU_HOST_FLAGS)),-lgomp) -lm
-GPU_SRC = cuda/train_rnn.cu $(C_SRC) $(C_DEPS)
+GPU_SRC = cuda/train_rnn.cu $(wildcard cuda/*.cuh) $(C_SRC) $(C_DEPS)
 GPU_REF_CELLS = rnn rnn_relu lstm gru
 
 .PHONY: lib_gpu test_gpu_run refs_gpu cuda_deps gpu_build_check gpu_info gpu_verify bench_gpu clean_gpu
@@ -171,14 +133,14 @@ train_gpu test_gpu lib_gpu:
 	@echo "nvcc not found (PATH, CUDA_HOME=$(CUDA_HOME)): skipping $@"
 else
 train_gpu: $(GPU_SRC)
-	@test -n "$(CUDNN_ROOT)$(gpu_sys_cudnn)" || { echo "error: cuDNN not found: make cuda_deps, or set CUDNN_PATH"; exit 1; }
+	@$(need_cudnn)
 	$(NVCC_CMD) $< -o $@ $(GPU_LDLIBS)
-test_gpu: cuda/test_rnn.cu c/reference.h $(GPU_SRC)
-	@test -n "$(CUDNN_ROOT)$(gpu_sys_cudnn)" || { echo "error: cuDNN not found: make cuda_deps, or set CUDNN_PATH"; exit 1; }
+test_gpu: cuda/test_rnn.cu $(GPU_SRC)
+	@$(need_cudnn)
 	$(NVCC_CMD) $< -o $@ $(GPU_LDLIBS)
 lib_gpu: lib/libpyrnn_cuda.so
 lib/libpyrnn_cuda.so: $(GPU_SRC)
-	@test -n "$(CUDNN_ROOT)$(gpu_sys_cudnn)" || { echo "error: cuDNN not found: make cuda_deps, or set CUDNN_PATH"; exit 1; }
+	@$(need_cudnn)
 	@mkdir -p lib
 	$(NVCC_CMD) -Xcompiler -fPIC -shared -DPYRNN_CUDA_LIB $< -o $@ $(GPU_LDLIBS)
 endif
@@ -228,6 +190,51 @@ test_gpu_run: test_gpu
 
 clean_gpu:
 	rm -f train_gpu test_gpu lib/libpyrnn_cuda.so
+
+# ---- MPI ----
+# ./train_cpu_mpi: the CPU trainer built by mpicc with -DUSE_MPI, data-parallel over MPI ranks:
+# `mpiexec -n R ./train_cpu_mpi <train_cpu flags>` (README, "More than one process"). The MPI is
+# MPICC when given, else the mpicc on the PATH (Debian: mpich + libmpich-dev, or openmpi-bin +
+# libopenmpi-dev), else the mpich wheel in the Python environment (pip install mpich: mpicc, mpiexec,
+# mpi.h, libmpi.so; no root needed), installed there when missing; its mpiexec lies beside its mpicc.
+# ./train_gpu_mpi: the GPU trainer above with NCCL (cuda/mpi_nccl.cuh) bootstrapped over the same MPI;
+# NCCL from NCCL_PATH, else the CUDA toolkit or the system, else the nvidia-nccl-cu13 wheel.
+mpi_py_scripts = $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))" 2>/dev/null)
+ifeq ($(origin MPICC),undefined)
+MPICC = $(eval MPICC := $(or $(shell command -v mpicc 2>/dev/null),$(mpi_py_scripts)/mpicc))$(MPICC)
+endif
+# the compile and link flags the wrapper adds (MPICH: -show, Open MPI: --showme), for nvcc
+mpi_show = $(shell $(MPICC) -show 2>/dev/null || $(MPICC) --showme 2>/dev/null)
+mpi_nvcc_flag = $(if $(filter -I% -L% -l% -D%,$(1)),$(1),$(if $(filter -Wl$(comma)%,$(1)),-Xlinker $(1:-Wl$(comma)%=%)))
+MPI_NVCC_FLAGS = $(foreach w,$(wordlist 2,999,$(mpi_show)),$(call mpi_nvcc_flag,$(w)))
+GPU_PIP_NCCL = $(eval GPU_PIP_NCCL := $(shell $(PYTHON) scripts/gpu_env.py root nccl))$(GPU_PIP_NCCL)
+NCCL_ROOT = $(eval NCCL_ROOT := $(call gpu_root,NCCL,nccl.h,GPU_PIP_NCCL))$(NCCL_ROOT)
+GPU_MPI_CMD = $(NVCC_CMD) -DUSE_MPI $(MPI_NVCC_FLAGS) $< -o $@ $(call gpu_dep_flags,$(NCCL_ROOT),nccl) $(GPU_LDLIBS)
+
+.PHONY: mpi_deps nccl_deps clean_mpi
+
+mpi_deps:
+	@command -v $(MPICC) > /dev/null 2>&1 \
+		|| { echo "no mpicc found: installing the mpich wheel into $(PYTHON)'s environment"; \
+		$(PYTHON) -m pip install -q --disable-pip-version-check mpich && command -v $(MPICC) > /dev/null; } \
+		|| { echo "error: no MPI: install one (apt-get install mpich libmpich-dev) or set MPICC"; exit 1; }
+
+train_cpu_mpi: $(C_SRC) $(C_DEPS) | mpi_deps
+	MPICH_CC="$(CC)" OMPI_CC="$(CC)" $(MPICC) -DUSE_MPI $(CFLAGS) $< -o $@ $(LDLIBS)
+	@echo "run it as: $$(dirname $$(command -v $(MPICC)))/mpiexec -n RANKS ./$@ <train_cpu flags>"
+
+nccl_deps:
+	$(PYTHON) -m pip install -q --disable-pip-version-check nvidia-nccl-cu13
+
+# needs cuda/train_rnn.cu to call nccl_init and nccl_step_mean (see cuda/mpi_nccl.cuh); without nvcc
+# it says so and succeeds, as the other GPU targets do
+train_gpu_mpi: $(GPU_SRC) | mpi_deps
+	@test -n "$(NVCC)" || { echo "nvcc not found (PATH, CUDA_HOME=$(CUDA_HOME)): skipping $@"; exit 0; }; \
+	$(need_cudnn); $(call gpu_need,NCCL,nccl.h,NCCL,nccl_deps); \
+	echo "$(GPU_MPI_CMD)"; $(GPU_MPI_CMD)
+
+clean_mpi:
+	rm -f train_cpu_mpi train_gpu_mpi
 
 # ---- hardening ----
 # Sanitizers, valgrind and fuzzing of the file readers (docs/hardening.md). Everything builds under
