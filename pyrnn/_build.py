@@ -9,12 +9,8 @@ layout, so fields the C side adds later never break the binding, and only the fi
 reads are named here.
 """
 import glob
+import importlib.util
 import os
-import shlex
-import shutil
-import subprocess
-import sysconfig
-import tempfile
 
 from cffi import FFI
 
@@ -93,44 +89,28 @@ int model_sample(Model* m, int* out, const int* prime, int n_prime, int n, float
 """
 
 
-def _compiler():
-    # the compiler setuptools will use: $CC, else Python's own, else plain cc
-    for cand in (os.environ.get('CC'), sysconfig.get_config_var('CC'), 'cc'):
-        if cand and shutil.which(shlex.split(cand)[0]):
-            return shlex.split(cand)
-    return ['cc']
+def _load_cflags():
+    # by path: cffi runs this file outside the package, and pyrnn/__init__ needs the built extension
+    spec = importlib.util.spec_from_file_location('pyrnn_cflags', os.path.join(PKG_DIR, '_cflags.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _accepts(cc, flags):
-    # compile and link an empty program; a non-zero exit means "no"
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, 'probe.c')
-        with open(src, 'w') as f:
-            f.write('int main(void) { return 0; }\n')
-        try:
-            r = subprocess.run(cc + flags + [src, '-o', os.path.join(d, 'probe')],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
-        except (OSError, subprocess.SubprocessError):
-            return False
-        return r.returncode == 0
+cflags = _load_cflags()   # the flag probe the Makefile uses too
 
 
 def _flags():
-    cc = _compiler()
+    cc = cflags.compiler()
     arch = os.environ.get('PYRNN_ARCH') or 'native'
-    march = ['-march=' + arch]
-    if not _accepts(cc, march):
-        if arch != 'native':
-            raise RuntimeError(f'PYRNN_ARCH={arch}: {" ".join(cc)} does not take -march={arch}')
-        march = []
-    opt = ['-O3'] if _accepts(cc, ['-O3']) else []
-    omp = ['-fopenmp'] if _accepts(cc, ['-fopenmp']) else []  # without it the C code runs serially
+    try:
+        build = cflags.build_flags(cc, arch)
+    except ValueError as e:
+        raise RuntimeError(f'PYRNN_ARCH={arch}: {e}') from None
+    omp = [f for f in build if f == '-fopenmp']
     quiet = ['-Wno-unused-function'] + ([] if omp else ['-Wno-unknown-pragmas'])
     # Python's own CFLAGS carry -fwrapv, which blocks loop optimisations and cost 25% of a step
-    nowrap = ['-fno-wrapv'] if _accepts(cc, ['-fno-wrapv']) else []
-    # we never read errno, and a sqrtf that may set it keeps the AdamW loop scalar
-    noerrno = ['-fno-math-errno'] if _accepts(cc, ['-fno-math-errno']) else []
-    return opt + march + omp + quiet + nowrap + noerrno, omp
+    return build + quiet + cflags.accepted(cc, ['-fno-wrapv']), omp
 
 
 ffibuilder = FFI()

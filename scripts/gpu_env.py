@@ -5,6 +5,7 @@ only, so it runs in any Python (the torch environment of scripts/bench_gpu.py to
 
     python3 scripts/gpu_env.py deps [--nvcc PATH] [--dry-run]   # make cuda_deps: pip-install the pinned wheels
     python3 scripts/gpu_env.py probe [--nvcc PATH]              # one line about the GPU; exit 1 when there is none
+    python3 scripts/gpu_env.py root cudnn|cublas|nccl           # the wheel's folder (include/, lib/), or nothing
 
 The pins are the versions this project was checked against, one set per CUDA major version,
 chosen by the major version of nvcc (`nvcc --version`): CUDA 13 toolkits (R580 drivers or newer)
@@ -13,6 +14,7 @@ toolkits (R525 or newer) the -cu12 wheels.
 """
 import argparse
 import ctypes
+import importlib.util
 import os
 import re
 import shutil
@@ -70,6 +72,30 @@ def install_deps(nvcc, dry_run=False, pip_args=()):
         print(' '.join(cmd))
         return 0
     return subprocess.run(cmd).returncode
+
+
+# the header each wheel ships, and the packages that may hold it (nvidia is a namespace package: the
+# CUDA 13 cuBLAS wheel installs into nvidia/cu13, the CUDA 12 one into nvidia/cublas)
+WHEEL_HEADERS = {
+    'cudnn': ('cudnn.h', ('nvidia.cudnn',)),
+    'cublas': ('cublas_v2.h', ('nvidia.cu13', 'nvidia.cublas')),
+    'nccl': ('nccl.h', ('nvidia.nccl', 'nvidia.cu13')),
+}
+
+
+def wheel_root(library):
+    """The folder of an installed wheel with include/<its header> and lib/: the Makefile's fallback when
+    neither the toolkit nor the system has the library; '' when no wheel has it."""
+    header, packages = WHEEL_HEADERS[library]
+    for name in packages:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        for path in (spec.submodule_search_locations or []) if spec else []:
+            if os.path.exists(os.path.join(path, 'include', header)):
+                return path
+    return ''
 
 
 # ---- the driver and the GPU
@@ -190,7 +216,12 @@ def main(argv=None):
     d.add_argument('--dry-run', action='store_true', help='print the pip command only')
     p = sub.add_parser('probe', help='one line about GPU 0; exit status 1 without a usable one')
     p.add_argument('--nvcc', default=None)
+    r = sub.add_parser('root', help='the folder of the wheel with this library, or nothing')
+    r.add_argument('library', choices=sorted(WHEEL_HEADERS))
     args, rest = ap.parse_known_args(argv)
+    if args.cmd == 'root':
+        print(wheel_root(args.library))
+        return 0
     nvcc = args.nvcc or find_nvcc()
     if args.cmd == 'deps':
         if not nvcc:

@@ -10,29 +10,15 @@ import numpy as np
 import pytest
 
 import pyrnn
-from error_report import note, worst_errors
+from helpers import assert_close, worst_errors
 from pyrnn import oracle
 
 TOL = 1e-5
 WORST, report_worst = worst_errors('largest relative error per comparison (against torch unless named)')
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert np.linalg.norm(b) > 0, 'the reference is all zeros: the comparison would be vacuous'
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
 def close(key, name, a, b, tol=TOL):
-    if hasattr(b, 'detach'):
-        b = b.detach().numpy()
-    if not np.any(b):   # e.g. a relu unit that never fires: must be exactly zero here too
-        assert np.asarray(a).shape == b.shape and not np.any(a), f'{key} {name}: expected all zeros'
-        return
-    err = rel_err(a, b)
-    note(WORST, key, err)
-    assert err < tol, f'{key} {name}: relative error {err:.3e}'
+    assert_close(f'{key} {name}', a, b, tol, WORST, key)
 
 
 def layer(cell, *args, **kw):

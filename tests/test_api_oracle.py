@@ -6,9 +6,8 @@ written out with Python integers."""
 import numpy as np
 import pytest
 
+from helpers import fd_check
 from pyrnn import oracle
-
-from test_oracle import check
 
 T, B, IN, H = 4, 3, 3, 3
 LENGTHS = np.array([4, 1, 3])   # one full, one of length 1, one in between
@@ -53,17 +52,17 @@ def test_stack_gradients(cell, L, bidirectional, lengths, p):
     assert list(grads) == list(params) == list(oracle.stack_param_shapes(cell, IN, H, L, True, bidirectional))
     f = lambda: objective(params, cell, x, h0, c0, dout, dh_n, dc_n, **kw)
     for name in params:
-        check(name, grads[name], f, params[name])
+        fd_check(name, grads[name], f, params[name])
     if lengths is not None:   # padding is never read: its gradient is exactly zero
         assert not dx[1:, 1].any() and not dx[3:, 2].any()
         before, pad = f(), x[1:, 1].copy()
         x[1:, 1] = np.nan     # and whatever it holds changes nothing
         assert f() == before
         x[1:, 1] = pad
-    check('x', dx, f, x)
-    check('h0', dh0, f, h0)
+    fd_check('x', dx, f, x)
+    fd_check('h0', dh0, f, h0)
     if cell == 'lstm':
-        check('c0', dc0, f, c0)
+        fd_check('c0', dc0, f, c0)
 
 
 @pytest.mark.parametrize('cell', oracle.CELLS)
@@ -111,11 +110,11 @@ def test_cell_gradients_and_equivalence_to_one_step(cell):
     f = lambda: np.sum(oracle.cell_forward(params, cell, x, h, c)[0] * dh) + \
         (np.sum(oracle.cell_forward(params, cell, x, h, c)[1] * dc) if c is not None else 0.0)
     for name in params:
-        check(name, grads[name], f, params[name])
-    check('x', dx, f, x)
-    check('h', dh_prev, f, h)
+        fd_check(name, grads[name], f, params[name])
+    fd_check('x', dx, f, x)
+    fd_check('h', dh_prev, f, h)
     if c is not None:
-        check('c', dc_prev, f, c)
+        fd_check('c', dc_prev, f, c)
     # a cell step is a one-layer stack of one step
     stack = {k + '_l0': v for k, v in params.items()}
     out, h_n, c_n, _ = oracle.stack_forward(stack, cell, x[None], h[None], None if c is None else c[None])

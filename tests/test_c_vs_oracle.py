@@ -5,42 +5,19 @@ parameters, at relative error ||c - oracle|| / ||oracle|| < 1e-5 per tensor. Ada
 compared with the oracle run in float32 (see test_adamw_steps for why and at what tolerance).
 Sizes are deliberately awkward: B = 1, T = 1, H in {3, 37}, V in {5, 65}, L in 1..3.
 """
-from collections import defaultdict
-
 import numpy as np
 import pytest
 
 import pyrnn
+from helpers import assert_close, rel_err, worst_errors
 from pyrnn import oracle
 
 TOL = 1e-5
-WORST = defaultdict(float)  # largest relative error seen per cell, printed at the end (-s)
-
-
-@pytest.fixture(scope='module', autouse=True)
-def report_worst():
-    yield
-    print('\nlargest C-vs-oracle relative error per cell: ' +
-          ', '.join(f'{c} {e:.2e}' for c, e in sorted(WORST.items())))
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    nb = np.linalg.norm(b)
-    assert nb > 0, 'reference is all zeros: the comparison would be vacuous'
-    return np.linalg.norm(a - b) / nb
+WORST, report_worst = worst_errors('largest C-vs-oracle relative error per cell')
 
 
 def close(cell, name, a, b, tol=TOL):
-    if not np.any(b):
-        # e.g. grad weight_hh with T = 1 and h0 = 0: must be exactly zero in C as well
-        assert not np.any(a), f'{cell} {name}: expected all zeros'
-        return 0.0
-    err = rel_err(a, b)
-    WORST[cell] = max(WORST[cell], err)
-    assert err < tol, f'{cell} {name}: relative error {err:.3e} >= {tol:.0e}'
-    return err
+    return assert_close(f'{cell} {name}', a, b, tol, WORST, cell)
 
 
 def f64(d):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_util import run, snapshot, synthetic_text, write_split  # noqa: E402
+from helpers import run, snapshot, synthetic_text, write_split  # noqa: E402
 
 MODEL = ['-c', 'lstm', '-L', '1', '-E', '8', '-H', '16', '-b', '4', '-t', '16', '-n', '3', '-k', '1',
          '-v', '0', '-s', '0', '-m', '0', '-P', '1']

@@ -1,7 +1,8 @@
 """The GPU side's tools that run without a GPU: make gpu_verify's no-GPU path, the driver checks
 of scripts/gpu_env.py and of train_gpu against a stand-in libcuda.so.1 (a few C functions that
-report a chosen driver version and device count), the cuDNN / cuBLAS pins per CUDA version, the
-benchmark's record of loaded libraries and its targets, and its torch side against the C backend."""
+report a chosen driver version and device count), the cuDNN / cuBLAS pins per CUDA version and the
+wheels' folders, the benchmark's record of loaded libraries and its targets, and its torch side
+against the C backend."""
 import ctypes
 import ctypes.util
 import importlib
@@ -180,6 +181,23 @@ def test_make_cuda_deps_calls_the_selection():
     if r.returncode != 0:
         pytest.skip(f'make -n failed: {r.stderr.strip()[-200:]}')
     assert 'scripts/gpu_env.py deps --nvcc /opt/cuda/bin/nvcc' in r.stdout
+
+
+def test_wheel_root_is_the_folder_with_the_header(tmp_path):
+    # the Makefile's last resort for cuDNN, cuBLAS and NCCL; -S keeps the installed wheels out of sight
+    for folder, header in [('cudnn', 'cudnn.h'), ('cublas', None), ('cu13', 'cublas_v2.h')]:
+        (tmp_path / 'nvidia' / folder / 'include').mkdir(parents=True)
+        if header:
+            (tmp_path / 'nvidia' / folder / 'include' / header).write_text('')
+
+    def root(library):
+        r = subprocess.run([sys.executable, '-S', os.path.join(SCRIPTS, 'gpu_env.py'), 'root', library],
+                           env=dict(os.environ, PYTHONPATH=str(tmp_path)), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+    assert root('cudnn') == str(tmp_path / 'nvidia' / 'cudnn')
+    assert root('cublas') == str(tmp_path / 'nvidia' / 'cu13')   # nvidia/cublas has no header
+    assert root('nccl') == ''
 
 
 # ---- the benchmark's records

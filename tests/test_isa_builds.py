@@ -1,6 +1,7 @@
 """Builds for a chosen CPU: the C backend reports the kernels its compiler flags select, ARCH and
-PYRNN_ARCH reach the compiler, and the no-spill check (scripts/check_spills.py) tells a kernel loop
-that keeps its accumulators in registers from one that spills."""
+PYRNN_ARCH reach the compiler through the one flag probe (pyrnn/_cflags.py) of the C, GPU-host and
+extension builds, and the no-spill check (scripts/check_spills.py) tells a kernel loop that keeps its
+accumulators in registers from one that spills."""
 import importlib.util
 import os
 import shutil
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 import pyrnn
+from pyrnn._cflags import accepts, compiler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISAS = ('avx512', 'avx2', 'neon', 'sse2', 'portable')
@@ -30,8 +32,7 @@ def test_isa_matches_the_build_flags():
     # the macros the extension's own flags define (run with PYRNN_ARCH=x86-64-v3 by `make test_isa`)
     from pyrnn import _crnn
     flags = _crnn.ffi.string(_crnn.lib.pyrnn_build_flags()).decode().split()
-    from pyrnn._build import _compiler
-    r = subprocess.run(_compiler() + flags + ['-dM', '-E', '-x', 'c', os.devnull], capture_output=True, text=True)
+    r = subprocess.run(compiler() + flags + ['-dM', '-E', '-x', 'c', os.devnull], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     macros = {line.split()[1] for line in r.stdout.splitlines() if line.startswith('#define ')}
     assert pyrnn.isa() in ISAS
@@ -56,8 +57,7 @@ def build_flags(env_arch):
 
 
 def test_pyrnn_arch_reaches_the_extension_build():
-    from pyrnn._build import _accepts, _compiler
-    if _accepts(_compiler(), ['-march=x86-64-v3']):
+    if accepts(compiler(), ['-march=x86-64-v3']):
         r = build_flags('x86-64-v3')
         assert r.returncode == 0, r.stderr
         assert '-march=x86-64-v3' in r.stdout.split() and '-march=native' not in r.stdout.split()
@@ -90,8 +90,7 @@ def test_make_arch_picks_the_target():
 def test_make_rebuilds_when_arch_changes(tmp_path):
     # the compile line is a prerequisite: after a native build, ARCH=x86-64-v2 rebuilds, and back
     from pyrnn import data
-    from pyrnn._build import _accepts, _compiler
-    if not _accepts(_compiler(), ['-march=x86-64-v2']):
+    if not accepts(compiler(), ['-march=x86-64-v2']):
         pytest.skip('the compiler does not target x86-64-v2')
     data.prepare(b'to be or not to be, that is the question\n' * 200, str(tmp_path / 'data'))
     env = {k: v for k, v in os.environ.items() if k not in ('ARCH', 'PYRNN_ARCH', 'CFLAGS')}
@@ -109,6 +108,36 @@ def test_make_rebuilds_when_arch_changes(tmp_path):
         assert kernels('ARCH=x86-64-v2') == 'sse2' != native
     finally:
         assert kernels() == native
+
+
+def cflags(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'pyrnn', '_cflags.py'), *args],
+                          capture_output=True, text=True)
+
+
+def test_flag_probe_keeps_what_the_compiler_takes():
+    # what `make` runs: the build flags for an ARCH, or the flags of a list the compiler takes
+    r = cflags('--', '-fno-math-errno', '-fno-such-flag-anywhere')
+    assert r.returncode == 0 and r.stdout.split() == ['-fno-math-errno'], r
+    r = cflags('--arch', 'no-such-cpu')
+    assert r.returncode == 1 and r.stderr.strip() == f'error: ARCH=no-such-cpu: {" ".join(compiler())} ' \
+        'does not take -march=no-such-cpu', r
+    if accepts(compiler(), ['-march=x86-64-v3']):
+        assert '-march=x86-64-v3' in cflags('--arch', 'x86-64-v3').stdout.split()
+
+
+@pytest.mark.skipif(not shutil.which('make'), reason='make is not available')
+def test_make_gpu_host_side_follows_arch():
+    # the host side of the GPU builds takes its flags from the same probe as the C builds; a stand-in
+    # nvcc, so that the rule exists without a CUDA toolkit
+    if not accepts(['g++'], ['-march=x86-64-v3'], 'c++'):
+        pytest.skip('no g++ that targets x86-64-v3')
+    e = {k: v for k, v in os.environ.items() if k not in ('ARCH', 'PYRNN_ARCH', 'CFLAGS', 'NVCCFLAGS')}
+    r = subprocess.run(['make', '-n', '-B', '-s', 'train_gpu', 'NVCC=/bin/true', 'CXX=g++', 'CUDNN_PATH=/none',
+                        'ARCH=x86-64-v3'], cwd=ROOT, env=e, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    line = next(w for w in r.stdout.split() if w.startswith('-O3,'))   # -Xcompiler's argument
+    assert '-march=x86-64-v3' in line.split(',') and '-march=native' not in line, line
 
 
 # ---------------------------------------------------------------------------- the no-spill check

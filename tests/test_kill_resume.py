@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_util import synthetic_text, train_cpu, write_split  # noqa: E402
+from helpers import synthetic_text, train_cpu, write_split  # noqa: E402
 
 from pyrnn.checkpoint import read_checkpoint  # noqa: E402
 

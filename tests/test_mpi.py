@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_util import ROOT, train_cpu, write_split  # noqa: E402
+from helpers import ROOT, train_cpu, write_split  # noqa: E402
 
 from pyrnn.checkpoint import read_checkpoint  # noqa: E402
 

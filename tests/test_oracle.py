@@ -8,39 +8,11 @@ import math
 import numpy as np
 import pytest
 
+from helpers import FD_TOL, fd_check, rel_err
 from pyrnn import oracle
 from pyrnn.reference import read_reference, write_reference
 
 T, B, IN, H, V, E = 3, 2, 4, 3, 5, 4
-FD_EPS, TOL = 1e-5, 1e-6  # 1e-5: truncation ~1e-10, roundoff ~1e-11; worst case seen ~5e-8
-
-
-def rel_err(a, b):
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
-
-
-def fd_grad(f, arr):
-    """Central differences of scalar f() w.r.t. every element of arr (perturbed in place)."""
-    g = np.zeros_like(arr)
-    flat, gflat = arr.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + FD_EPS
-        fp = f()
-        flat[i] = old - FD_EPS
-        fm = f()
-        flat[i] = old
-        gflat[i] = (fp - fm) / (2 * FD_EPS)
-    return g
-
-
-def check(name, analytic, f, arr):
-    num = fd_grad(f, arr)
-    assert analytic.shape == arr.shape, name
-    assert np.linalg.norm(num) > 0, f'{name}: zero finite-difference gradient, test is vacuous'
-    err = rel_err(analytic, num)
-    assert err < TOL, f'{name}: relative error {err:.3e}'
-    return err
 
 
 def states(cell, L, given, rng):
@@ -88,11 +60,11 @@ def check_stack(cell, L, given, **kw):
     f = lambda: stack_objective(params, cell, x, h0a, c0a, dout, dh_n, dc_n, **kw)
     assert f() == stack_objective(params, cell, x, h0, c0, dout, dh_n, dc_n, **kw)
     for name in params:
-        check(name, grads[name], f, params[name])
-    check('x', dx, f, x)
-    check('h0', dh0, f, h0a)
+        fd_check(name, grads[name], f, params[name])
+    fd_check('x', dx, f, x)
+    fd_check('h0', dh0, f, h0a)
     if cell == 'lstm':
-        check('c0', dc0, f, c0a)
+        fd_check('c0', dc0, f, c0a)
     else:
         assert dc0 is None
 
@@ -124,10 +96,10 @@ def check_lm(cell, L, given, **kw):
     f = lambda: oracle.lm_forward(params, cell, inputs, targets, h0a, c0a, **kw)[0]
     assert f() == loss
     for name in params:
-        check(name, grads[name], f, params[name])
-    check('h0', dh0, f, h0a)
+        fd_check(name, grads[name], f, params[name])
+    fd_check('h0', dh0, f, h0a)
     if cell == 'lstm':
-        check('c0', dc0, f, c0a)
+        fd_check('c0', dc0, f, c0a)
     else:
         assert dc0 is None
 
@@ -190,12 +162,12 @@ def test_fd_check_detects_wrong_gradient():
     grads, _, _ = oracle.lm_backward(cache)
     f = lambda: oracle.lm_forward(params, 'lstm', inputs, targets, h0, c0)[0]
     name = 'rnn.weight_hh_l0'
-    good = check(name, grads[name], f, params[name])
+    good = fd_check(name, grads[name], f, params[name])
     bad = grads[name].copy()
     bad.flat[0] += 1e-4 * np.linalg.norm(bad)  # one element off by 1e-4 of the tensor norm
     with pytest.raises(AssertionError):
-        check(name, bad, f, params[name])
-    assert good < TOL / 10
+        fd_check(name, bad, f, params[name])
+    assert good < FD_TOL / 10
 
 
 def test_float32_follows_dtype():
@@ -299,7 +271,7 @@ def test_stack_without_bias():
     _, _, _, grads = oracle.stack_backward(cache, dout)
     f = lambda: np.sum(oracle.stack_forward(params, 'gru', x)[0] * dout)
     for k in params:
-        check(k, grads[k], f, params[k])
+        fd_check(k, grads[k], f, params[k])
 
 
 @pytest.mark.parametrize('cell', oracle.CELLS)

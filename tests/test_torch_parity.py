@@ -9,24 +9,15 @@ torch = pytest.importorskip('torch', reason='torch is not installed: the parity 
 import torch.nn.functional as F  # noqa: E402
 
 import pyrnn  # noqa: E402
+from helpers import assert_close  # noqa: E402
 from pyrnn import oracle  # noqa: E402
 
 TOL = 1e-5
 torch.set_default_dtype(torch.float32)
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert np.linalg.norm(b) > 0
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
 def close(name, a, b, tol=TOL):
-    if hasattr(b, 'detach'):
-        b = b.detach().numpy()
-    err = rel_err(a, b)
-    assert err < tol, f'{name}: relative error {err:.3e}'
+    assert_close(name, a, b, tol)
 
 
 def torch_stack(cell, *args, **kw):
