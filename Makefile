@@ -9,24 +9,25 @@ space := $(empty) $(empty)
 # the cells every suite covers
 CELLS = rnn rnn_relu lstm gru
 
-# the CPU to build for: -march=$(ARCH). native (this machine) by default; x86-64-v2 (SSE4.2),
-# x86-64-v3 (AVX2 + FMA), x86-64-v4 (AVX-512) or any other -march value builds for another one:
+# the CPU to build for. any (the default): one build for every CPU, holding the kernels of every
+# instruction set and running the best the CPU has (c/isa.h). Any -march value builds for that CPU
+# alone: native (this machine), x86-64-v2 (SSE4.2), x86-64-v3 (AVX2 + FMA), x86-64-v4 (AVX-512):
 # `make train_cpu ARCH=x86-64-v3`. PYRNN_ARCH in the environment sets both this default and the cffi
 # extension's (pyrnn/_build.py); an ARCH variable in the environment is ignored (it often means
 # something else). Every optimised host compile honours it: the C builds and the GPU builds' host side.
 ifneq ($(origin ARCH),command line)
-ARCH := $(or $(PYRNN_ARCH),native)
+ARCH := $(or $(PYRNN_ARCH),any)
 endif
 export PYRNN_ARCH := $(ARCH)
-# $(call host_flags,COMPILER,ARCH[,c++]): -O3, -march=ARCH, -fopenmp and -fno-math-errno as far as the
+# $(call host_flags,COMPILER,ARCH[,c++]): -O3, the target, -fopenmp and -fno-math-errno as far as the
 # compiler takes them, from the flag probe pyrnn/_build.py uses too (pyrnn/_cflags.py). An ARCH the
-# compiler refuses stops make; native falls back to no -march.
+# compiler refuses stops make; native falls back to any.
 host_flags = $(or $(shell $(PYTHON) pyrnn/_cflags.py --cc '$(1)' --arch '$(2)' --lang $(or $(3),c)),\
 	$(error no flags for $(1) with ARCH=$(2): see the line above))
 # probed once, on first use
 HOST_CFLAGS = $(eval HOST_CFLAGS := $(call host_flags,$(CC),$(ARCH)))$(HOST_CFLAGS)
 OMP = $(filter -fopenmp,$(HOST_CFLAGS))
-MARCH = $(filter -march=%,$(HOST_CFLAGS))
+MARCH = $(filter -march=% -DPYRNN_ONE_ISA,$(HOST_CFLAGS))
 WARN = -Wall -Wextra -Wno-unused-function
 CFLAGS ?= $(HOST_CFLAGS) $(WARN)
 LDLIBS = -lm

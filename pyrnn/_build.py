@@ -2,8 +2,10 @@
 
 setup.py runs this through `cffi_modules`; `python pyrnn/_build.py` builds in place too, and
 `python pyrnn/_build.py DIR` builds a separate copy of the package in DIR (see build_package).
-PYRNN_ARCH picks the CPU to build for, as the Makefile's ARCH does: -march=native by default,
-PYRNN_ARCH=x86-64-v3 (AVX2 + FMA), x86-64-v4 (AVX-512), x86-64-v2 or any other -march value.
+PYRNN_ARCH picks the CPU to build for, as the Makefile's ARCH does: by default (any) every CPU,
+with the kernels of every instruction set picked at run time (so a wheel runs anywhere);
+PYRNN_ARCH=native, x86-64-v3 (AVX2 + FMA), x86-64-v4 (AVX-512) or any other -march value builds
+that CPU's kernels alone.
 The struct declarations below are partial (`...;`): cffi asks the C compiler for the real
 layout, so fields the C side adds later never break the binding, and only the fields Python
 reads are named here.
@@ -102,7 +104,7 @@ cflags = _load_cflags()   # the flag probe the Makefile uses too
 
 def _flags():
     cc = cflags.compiler()
-    arch = os.environ.get('PYRNN_ARCH') or 'native'
+    arch = os.environ.get('PYRNN_ARCH') or 'any'
     try:
         build = cflags.build_flags(cc, arch)
     except ValueError as e:

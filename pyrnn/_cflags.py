@@ -6,10 +6,13 @@ so `make train_cpu` needs nothing beyond Python 3, a C compiler and make.
     python3 pyrnn/_cflags.py [--cc CC] [--lang c|c++] [--arch ARCH]   the build flags for ARCH
     python3 pyrnn/_cflags.py [--cc CC] [--lang c|c++] -- FLAG...      those of the FLAGs CC takes
 
-The build flags: -O3 (else -O2), -march=ARCH, and -fopenmp and -fno-math-errno when the compiler
+The build flags: -O3 (else -O2), the target, and -fopenmp and -fno-math-errno when the compiler
 takes them (without OpenMP the C code runs serially; we never read errno, and a sqrtf that may set
-it keeps the AdamW loop scalar). ARCH native (the default) is this machine, left out when the
-compiler does not take it; any other ARCH it does not take is an error.
+it keeps the AdamW loop scalar). ARCH any (the default) is one build for every CPU of the
+architecture: no -march, and c/isa.h compiles the kernels of every instruction set and picks one at
+run time. Any other ARCH is a build for that CPU alone, -march=ARCH -DPYRNN_ONE_ISA (native: this
+machine; left out, so the build is `any`, when the compiler does not take it); an ARCH the compiler
+does not take is an error.
 """
 import argparse
 import os
@@ -50,21 +53,22 @@ def accepted(cc, flags, lang='c'):
     return [f for f in flags if accepts(cc, [f], lang)]
 
 
-def build_flags(cc, arch='native', lang='c'):
-    """The optimisation, -march and OpenMP flags of a build for arch; ValueError if cc refuses arch."""
+def build_flags(cc, arch='any', lang='c'):
+    """The optimisation, target and OpenMP flags of a build for arch; ValueError if cc refuses arch."""
     march = '-march=' + arch
-    wanted = ['-O3', march, '-fopenmp', '-fno-math-errno']
+    wanted = ['-O3'] + ([] if arch == 'any' else [march]) + ['-fopenmp', '-fno-math-errno']
     got = accepted(cc, wanted, lang)
-    if march not in got and arch != 'native':
+    if arch not in ('any', 'native') and march not in got:
         raise ValueError(f'{" ".join(cc)} does not take {march}')
-    return (['-O2'] if '-O3' not in got else []) + got
+    one_isa = ['-DPYRNN_ONE_ISA'] if march in got else []
+    return (['-O2'] if '-O3' not in got else []) + got + one_isa
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--cc', help='the compiler command (default: $CC, else Python\'s, else cc)')
     p.add_argument('--lang', default='c', choices=('c', 'c++'))
-    p.add_argument('--arch', default='native', help='the -march value (default: native)')
+    p.add_argument('--arch', default='any', help='any (every CPU, kernels picked at run time) or a -march value')
     p.add_argument('probe', nargs='*', metavar='FLAG', help='after --: print those of these flags the compiler takes')
     args = p.parse_args(argv)
     cc = shlex.split(args.cc) if args.cc else compiler()
