@@ -336,3 +336,21 @@ def test_scaling_script_smoke(tmp_path):
         assert abs(row['step_s'] - (m['step_s_1_machine'] / R + row['allreduce_s'])) < 1e-12
         assert abs(row['speedup'] - m['step_s_1_machine'] / row['step_s']) < 1e-9 and row['efficiency'] <= 1 + 1e-12
         assert (row['allreduce_s'] == 0) == (R == 1)
+
+
+def test_ranks_train_what_one_process_trains_with_every_regulariser(tmp_path):
+    """Locked dropout (one mask per global stream), weight drop and embedding dropout (one mask per
+    batch): 2 ranks draw the masks of one process, so the losses agree as closely as without them."""
+    write_split(tmp_path / 'data', text(20000))
+    common = ['-i', tmp_path / 'data' / 'train.bin', '-j', tmp_path / 'data' / 'val.bin', '-n', '12'] + MODEL + [
+        '-d', 'locked', '-W', '0.2', '-D', '0.1']
+    logs = []
+    for n in (1, 2):
+        r = ranks(n, common + ['-o', tmp_path / f'r{n}'])
+        assert r.returncode == 0, r.stdout + r.stderr
+        logs.append(log(tmp_path / f'r{n}')[0])
+    assert logs[0].keys() == logs[1].keys()
+    assert max(abs(logs[1][k] - logs[0][k]) / logs[0][k] for k in logs[0]) <= 1e-4
+    plain = subprocess.run([train_cpu()] + [str(a) for a in common[:-6] + ['-o', tmp_path / 'plain']],
+                           capture_output=True, text=True)
+    assert plain.returncode == 0 and log(tmp_path / 'plain')[0] != logs[0], 'the regularisers must act'
