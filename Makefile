@@ -79,8 +79,12 @@ bench: install
 
 # reference files from the oracle, one per cell, remade when the Python side changes; the C harness
 # checks them (scripts/harness.sh: one line per file, the whole log of the first that fails)
-REFS = $(CELLS:%=ref/ref_%.bin)
+# and one in bf16 (every matmul of bf16-rounded operands, the harness's -M bf16 check)
+REFS = $(CELLS:%=ref/ref_%.bin) $(CELLS:%=ref/ref_%_bf16.bin)
 refs: $(REFS)
+ref/ref_%_bf16.bin: $(PY_SRC)
+	@mkdir -p $(@D)
+	$(PYTHON) -m pyrnn.reference --cell $* --max-grad-norm 0.1 --precision bf16 -o $@
 ref/ref_%.bin: $(PY_SRC)
 	@mkdir -p $(@D)
 	$(PYTHON) -m pyrnn.reference --cell $* --max-grad-norm 0.1 -o $@
@@ -367,34 +371,43 @@ clean_hardening:
 	rm -rf build/asan build/valgrind build/fuzz
 
 # ---- ISA builds ----
-# The GEMM kernel is sized per instruction set at compile time, so each ISA is a build of its own:
-#   make test_isa      test_cpu for x86-64-v2 (SSE), x86-64-v3 (AVX2), x86-64-v4 (AVX-512; run when this
-#                      CPU has it), native, and aarch64 (NEON; cross-compiled, run under qemu), the
-#                      compare-outputs harness on every cell on each; then the C-vs-oracle suite on the
-#                      cffi extension built for x86-64-v3 into build/isa/py (pyrnn/_crnn*.so is untouched):
+# The default build holds a kernel set per instruction set and picks one at run time; a one-CPU
+# build (ARCH=) holds its own:
+#   make test_isa      the compare-outputs harness (fp32 and bf16, every cell) on test_cpu built for any
+#                      (the default: each set this CPU runs, forced by PYRNN_ISA, and the detection under
+#                      qemu-x86_64 -cpu Haswell and -cpu Nehalem), for the same with the native bf16
+#                      layout on emulated arithmetic (pairs), for x86-64-v2 (SSE), x86-64-v3 (AVX2),
+#                      x86-64-v4 (AVX-512; run when this CPU has it), native, and aarch64 (NEON;
+#                      cross-compiled, run under qemu); then the C-vs-oracle suite on the cffi extension
+#                      built for x86-64-v3 into build/isa/py (pyrnn/_crnn*.so is untouched):
 #                      scripts/test_isa.sh (make test_isa_py: the last part alone)
-#   make check_spills  the GEMM inner loops compiled for x86-64-v3, x86-64-v4 and aarch64 keep their
-#                      accumulators in registers (scripts/check_spills.py)
+#   make check_spills  every kernel set's register tiles keep their accumulators in registers, and its
+#                      gate loops are vectorized at its width: the default build's sets, x86-64-v3,
+#                      x86-64-v4 and aarch64 (scripts/check_spills.py)
 # aarch64 needs AARCH64_APT:
 AARCH64_APT = apt-get install gcc-aarch64-linux-gnu libgomp1-arm64-cross qemu-user
 ISA_DIR = build/isa
 # the x86-64 levels when the compiler knows them (gcc >= 12; with another compiler only native and aarch64)
 ISA_X86 = $(if $(shell $(PYTHON) pyrnn/_cflags.py --cc '$(CC)' -- -march=x86-64-v2),x86-64-v2 x86-64-v3 x86-64-v4)
-ISA_BUILDS = $(ISA_X86) native aarch64
+ISA_BUILDS = any pairs $(ISA_X86) native aarch64
 ISA_PY_ARCH = x86-64-v3
 ISA_PY = $(ISA_DIR)/py/.built-$(ISA_PY_ARCH)
 AARCH64_CC ?= aarch64-linux-gnu-gcc
 AARCH64_SYSROOT ?= /usr/aarch64-linux-gnu
 QEMU_AARCH64 ?= qemu-aarch64 -L $(AARCH64_SYSROOT)
-SPILL_TARGETS ?= x86-64-v3 x86-64-v4 aarch64
+SPILL_TARGETS ?= x86-64 x86-64-v3 x86-64-v4 aarch64
 ISA_RUN = $(SUITE_ENV) QEMU_AARCH64="$(QEMU_AARCH64)" scripts/test_isa.sh $(ISA_DIR) $(ISA_PY_ARCH)
 
 .PHONY: test_isa test_isa_py check_spills aarch64_deps
 
-# each build for its own -march (native: this machine, when the compiler takes it)
+# each build for its own -march (native: this machine, when the compiler takes it; any: every CPU;
+# pairs: any, with a stand-in kernel set that checks the native bf16 path without VDPBF16PS)
 $(ISA_DIR)/%/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
 	@mkdir -p $(@D)
 	$(CC) $(call host_flags,$(CC),$*) $(WARN) $< -o $@ $(LDLIBS)
+$(ISA_DIR)/pairs/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS)
+	@mkdir -p $(@D)
+	$(CC) $(call host_flags,$(CC),any) -DPYRNN_TEST_PAIRS $(WARN) $< -o $@ $(LDLIBS)
 $(ISA_DIR)/aarch64/test_cpu: c/test_rnn.c $(C_SRC) $(C_DEPS) | aarch64_deps
 	@mkdir -p $(@D)
 	$(AARCH64_CC) $(call host_flags,$(AARCH64_CC),armv8-a) $(WARN) $< -o $@ $(LDLIBS)

@@ -53,7 +53,7 @@ static inline uint32_t bf16_bits(float x) {
 }
 
 // ----------------------------------------------------------------------------
-// the kernel sets this build holds, widest last
+// the kernel sets this build holds, widest last (a test build's stand-in first, so never the default)
 
 // (a build whose own flags already reach AVX targets one CPU: it holds that CPU's set alone)
 #if !defined(PYRNN_ONE_ISA) && !defined(__CUDACC__) && defined(__GNUC__) && !defined(__clang__) && \
@@ -95,6 +95,21 @@ static inline uint32_t bf16_bits(float x) {
 #include "kernels.h"
 #pragma GCC pop_options
 
+#ifdef PYRNN_TEST_PAIRS
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+#define KERNEL_ISA avx2pairs
+#define KERNEL_NAME "avx2pairs"
+#define VEC_FLOATS 8
+#define MR 6
+#define BF16_NATIVE 2
+#include "kernels.h"
+#pragma GCC pop_options
+#define KERNEL_SETS_TEST { "avx2pairs", cpu_avx2, &kernels_fp32_avx2pairs, &kernels_bf16_avx2pairs },
+#else
+#define KERNEL_SETS_TEST
+#endif
+
 static int cpu_avx2(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 static int cpu_avx512(void) {
     return cpu_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -103,7 +118,7 @@ static int cpu_avx512(void) {
 }
 static int cpu_avx512bf16(void) { return cpu_avx512() && __builtin_cpu_supports("avx512bf16"); }
 static int cpu_any(void) { return 1; }
-#define KERNEL_SETS \
+#define KERNEL_SETS KERNEL_SETS_TEST \
     { "sse2", cpu_any, &kernels_fp32_sse2, &kernels_bf16_sse2 }, \
     { "avx2", cpu_avx2, &kernels_fp32_avx2, &kernels_bf16_avx2 }, \
     { "avx512", cpu_avx512, &kernels_fp32_avx512, &kernels_bf16_avx512 }, \

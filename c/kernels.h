@@ -5,7 +5,7 @@
 // inclusion ends in two Kernels tables:
 // fp32, and bf16 (products of bf16-rounded operands, accumulated in fp32). Inside:
 //   - the GEMM: op(B) packed into NR-wide column panels, then an MR x NR register tile, in fp32 and
-//     in bf16 (operands rounded to bf16 while packing);
+//     in bf16 (operands rounded to bf16 while packing; VDPBF16PS where the ISA has it);
 //   - the cells' row loops (cells.h), inlined here so their gate loops vectorize at the ISA's width.
 // No include guard: it is meant to be included once per ISA.
 //
@@ -186,52 +186,59 @@ static void KFN(gemm_rows)(float* c, long ldc, const float* a, long a_rs, const 
 }
 
 // ----------------------------------------------------------------------------
-// bf16: both operands rounded to bf16 (round to nearest even) as they are packed, two values of k
-// in each 32-bit lane (the even k low, the odd k high), products accumulated in fp32. A lane pair
-// adds its odd product first, then its even one, as VDPBF16PS does; a product of two bf16 values is
-// exact in fp32, so the emulated kernel (two multiply-adds) gives the native instruction's result
-// (up to denormals, which the instruction flushes to zero).
+// bf16: both operands rounded to bf16 (round to nearest even) as they are packed, products summed in
+// fp32. Two values of k make a pair, and a pair adds its odd product first, then its even one, as
+// VDPBF16PS does. A product of two bf16 values is exact in fp32, so the emulated kernel, the fp32 tile
+// over the rounded values in that order, sums exactly what the native instruction sums (up to
+// denormals, which VDPBF16PS flushes to zero): the same results on every CPU.
+//   native:   op(B) as [k-block][panel][k pair][NR] 32-bit lanes of two bf16 (even k low, odd k high),
+//             A's row panel as [k pair][MR] lanes, and VDPBF16PS;
+//   emulated: op(B) as [k-block][panel][k pair][odd k, even k][NR] floats, A's row panel likewise
+//             ([k pair][odd, even][MR]), and the fp32 transposed-A tile.
+// Each k-block holds an even number of rows of k (KC is even), so only the last pads one row of zeros.
 
-// bp <- op(B) as [k-block][column panel][k pair][NR] lanes of two bf16, zero-padded past N and K
-static void KFN(pack_b_bf16)(float* bp_floats, const float* b, int K, int N, long rs, long cs) {
-    uint32_t* bp = (uint32_t*)bp_floats;
+// the bf16 value of x, as a float
+static inline float KFN(bf16_float)(float x) {
+    uint32_t u = bf16_bits(x) << 16;
+    memcpy(&x, &u, sizeof(x));
+    return x;
+}
+
+static void KFN(pack_b_bf16)(float* bp, const float* b, int K, int N, long rs, long cs) {
     int n_panels = (N + NR - 1) / NR;
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC, kp = (kc + 1) / 2;
-        uint32_t* block = bp + (size_t)(k0 / 2) * n_panels * NR;
         #pragma omp for schedule(static) nowait
         for (int jp = 0; jp < n_panels; jp++) {
-            uint32_t* panel = block + (size_t)jp * kp * NR;
             int nr = N - jp * NR < NR ? N - jp * NR : NR;
             for (int p = 0; p < kp; p++) {
                 const float* even = b + (long)(k0 + 2 * p) * rs + (long)jp * NR * cs;
-                const float* odd = even + rs;
-                int has_odd = 2 * p + 1 < kc;
-                uint32_t* dst = panel + (size_t)p * NR;
+                const float* odd = 2 * p + 1 < kc ? even + rs : NULL;
+#if BF16_NATIVE
+                uint32_t* dst = (uint32_t*)bp + (size_t)(k0 / 2) * n_panels * NR + ((size_t)jp * kp + p) * NR;
                 for (int j = 0; j < nr; j++)
-                    dst[j] = bf16_bits(even[(long)j * cs]) | (has_odd ? bf16_bits(odd[(long)j * cs]) << 16 : 0u);
+                    dst[j] = bf16_bits(even[(long)j * cs]) | (odd ? bf16_bits(odd[(long)j * cs]) << 16 : 0u);
                 for (int j = nr; j < NR; j++) dst[j] = 0u;
+#else
+                float* dst = bp + (size_t)k0 * n_panels * NR + ((size_t)jp * kp + p) * 2 * NR;
+                for (int j = 0; j < nr; j++) {
+                    dst[j] = odd ? KFN(bf16_float)(odd[(long)j * cs]) : 0.0f;
+                    dst[NR + j] = KFN(bf16_float)(even[(long)j * cs]);
+                }
+                for (int j = nr; j < NR; j++) dst[j] = dst[NR + j] = 0.0f;
+#endif
             }
         }
     }
     #pragma omp barrier
 }
 
-// at <- the tile's rows of A, [k pair][MR] lanes of two bf16, zero past rows and kc
-static inline void KFN(a_tile_bf16)(uint32_t* at, const float* a, long a_rs, long a_cs, int rows, int kc) {
-    int kp = (kc + 1) / 2;
-    for (int p = 0; p < kp; p++) {
-        int has_odd = 2 * p + 1 < kc;
-        for (int i = 0; i < MR; i++) {
-            const float* e = a + (long)i * a_rs + (long)(2 * p) * a_cs;
-            at[p * MR + i] = i >= rows ? 0u : bf16_bits(e[0]) | (has_odd ? bf16_bits(e[a_cs]) << 16 : 0u);
-        }
-    }
-}
-
-// acc[i][v] += the lane pairs of a (broadcast) times those of b: odd products first, then even
-static inline __attribute__((always_inline)) vecf KFN(dot_pairs)(vecf acc, uint32_t a, vecu b) {
 #if BF16_NATIVE
+// acc += the lane pairs of a (broadcast) times those of b: VDPBF16PS. BF16_NATIVE 2 is a test build's
+// stand-in (-DPYRNN_TEST_PAIRS, set avx2pairs): the native layout with the instruction's arithmetic
+// written out, so a CPU without it checks everything of the native path but the instruction itself.
+static inline __attribute__((always_inline)) vecf KFN(dot_pairs)(vecf acc, uint32_t a, vecu b) {
+#if BF16_NATIVE == 1
     vecu ab = (vecu){ 0 } + a;
     return (vecf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)ab, (__m512bh)b);
 #else
@@ -268,26 +275,57 @@ __attribute__((noinline)) static void KFN(tile_bf16_rows)(float* c, long ldc, co
     TILE_SWITCH(mr, TILE_BF16)
 }
 #undef TILE_BF16
+#endif
 
-// one row panel of A (rows <= MR) against every panel of one packed k-block
-static inline void KFN(panel_bf16)(float* c, long ldc, const float* a, long a_rs, long a_cs, const uint32_t* bblock,
+// one row panel of A (rows <= MR) against every panel of one packed k-block: A rounded once into a
+// tile on the stack, in the layout of B's panels
+static inline void KFN(panel_bf16)(float* c, long ldc, const float* a, long a_rs, long a_cs, const float* bblock,
                                    int rows, int N, int kc, int acc) {
-    uint32_t at[KC / 2 * MR] __attribute__((aligned(64)));
     int kp = (kc + 1) / 2, n_panels = (N + NR - 1) / NR;
-    KFN(a_tile_bf16)(at, a, a_rs, a_cs, rows, kc);
-    for (int jp = 0; jp < n_panels; jp++)
-        KFN(tile_bf16_rows)(c + jp * NR, ldc, at, bblock + (size_t)jp * kp * NR, kp, rows,
-                            N - jp * NR < NR ? N - jp * NR : NR, acc);
+#if BF16_NATIVE
+    uint32_t at[KC / 2 * MR] __attribute__((aligned(64)));
+#else
+    float at[KC * MR] __attribute__((aligned(64)));
+#endif
+    for (int p = 0; p < kp; p++) {
+        int has_odd = 2 * p + 1 < kc;
+        for (int i = 0; i < MR; i++) {
+            const float* e = a + (long)i * a_rs + (long)(2 * p) * a_cs;
+            if (i >= rows) e = NULL;   // rows past the panel read nothing
+#if BF16_NATIVE
+            at[p * MR + i] = !e ? 0u : bf16_bits(e[0]) | (has_odd ? bf16_bits(e[a_cs]) << 16 : 0u);
+#else
+            at[2 * p * MR + i] = e && has_odd ? KFN(bf16_float)(e[a_cs]) : 0.0f;
+            at[(2 * p + 1) * MR + i] = e ? KFN(bf16_float)(e[0]) : 0.0f;
+#endif
+        }
+    }
+    for (int jp = 0; jp < n_panels; jp++) {
+        int nr = N - jp * NR < NR ? N - jp * NR : NR;
+#if BF16_NATIVE
+        KFN(tile_bf16_rows)(c + jp * NR, ldc, at, (const uint32_t*)bblock + (size_t)jp * kp * NR, kp, rows, nr, acc);
+#else
+        KFN(tile_transposed)(c + jp * NR, ldc, at, MR, bblock + (size_t)jp * 2 * kp * NR, 2 * kp, rows, nr, acc);
+#endif
+    }
 }
 
-// gemm_team and gemm_rows in bf16: each row panel of A is rounded once per k-block, into a tile on
-// the stack, then meets every panel of B
+// k-block k0's packed panels
+static inline const float* KFN(bf16_block)(const float* bp, int k0, int n_panels) {
+#if BF16_NATIVE
+    return (const float*)((const uint32_t*)bp + (size_t)(k0 / 2) * n_panels * NR);
+#else
+    return bp + (size_t)k0 * n_panels * NR;
+#endif
+}
+
+// gemm_team and gemm_rows in bf16: each row panel of A meets every panel of B
 static void KFN(gemm_team_bf16)(float* c, long ldc, const float* a, long a_rs, long a_cs, const float* bp, int M,
                                 int N, int K, int accumulate) {
     int n_panels = (N + NR - 1) / NR, m_panels = (M + MR - 1) / MR;
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC;
-        const uint32_t* bblock = (const uint32_t*)bp + (size_t)(k0 / 2) * n_panels * NR;
+        const float* bblock = KFN(bf16_block)(bp, k0, n_panels);
         #pragma omp for schedule(static) nowait
         for (int ip = 0; ip < m_panels; ip++)
             KFN(panel_bf16)(c + (long)ip * MR * ldc, ldc, a + (long)ip * MR * a_rs + (long)k0 * a_cs, a_rs, a_cs,
@@ -300,7 +338,7 @@ static void KFN(gemm_rows_bf16)(float* c, long ldc, const float* a, long a_rs, c
     int n_panels = (N + NR - 1) / NR;
     for (int k0 = 0; k0 < K; k0 += KC) {
         int kc = K - k0 < KC ? K - k0 : KC;
-        const uint32_t* bblock = (const uint32_t*)bp + (size_t)(k0 / 2) * n_panels * NR;
+        const float* bblock = KFN(bf16_block)(bp, k0, n_panels);
         for (int i0 = 0; i0 < M; i0 += MR)
             KFN(panel_bf16)(c + (long)i0 * ldc, ldc, a + (long)i0 * a_rs + k0, a_rs, 1, bblock,
                             M - i0 < MR ? M - i0 : MR, N, kc, accumulate || k0 > 0);

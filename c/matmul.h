@@ -31,9 +31,9 @@ static void matmul_set_bf16(Matmul* mm, int bf16) { mm->k = bf16 ? mm->set->bf16
 
 static void matmul_free(Matmul* mm) { free(mm->b); mm->b = NULL; mm->size = 0; }
 
-// floats a packed op(B) of K x N takes (the bf16 panels take at most as many)
+// floats a packed op(B) of K x N takes (+ 1 row: the bf16 panels pad an odd K to pairs)
 static size_t packed_b_size(const Kernels* k, int K, int N) {
-    return (size_t)K * (size_t)((N + k->nr - 1) / k->nr) * k->nr;
+    return (size_t)(K + 1) * (size_t)((N + k->nr - 1) / k->nr) * k->nr;
 }
 
 // room for packing each one-off op(B) of the given K x N shapes (pairs); grows only, so steady state

@@ -13,7 +13,11 @@ static float tolerance = 1e-5f, tolerance_bf16 = 2e-3f;
 
 
 int main(int argc, char** argv) {
-    if (argc < 2) { fprintf(stderr, "usage: %s REFERENCE_FILE [-tol X]\n", argv[0]); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: %s REFERENCE_FILE [-tol X] | --kernels\n", argv[0]); return 2; }
+    if (strcmp(argv[1], "--kernels") == 0) {   // the kernel sets this CPU runs, for the ISA suite
+        printf("%s\n", pyrnn_isa_list(1));
+        return 0;
+    }
     int tol_given = 0;
     for (int i = 2; i + 1 < argc; i += 2)
         if (strcmp(argv[i], "-tol") == 0) { tolerance = strtof(argv[i + 1], NULL); tol_given = 1; }

@@ -1,15 +1,21 @@
-"""No-spill check of the GEMM micro-kernel: compiles c/train_rnn.c to assembly for each target and
-fails if the kernel's inner loop touches the stack (its accumulators did not fit in registers), or
-if a gate loop (each `#pragma omp simd` loop of the cells) is not vectorized at the target's full
-vector width (gcc's -fopt-info report; on AVX2 a branch in sigmoid once kept them all scalar).
+"""No-spill check of every kernel set: compiles c/train_rnn.c to assembly for each target and fails if
+a GEMM register tile's inner loop touches the stack (its accumulators did not fit in registers), or
+if a cell's gate loop is not vectorized at its kernel set's full vector width (on AVX2 a branch in
+sigmoid once kept them all scalar).
 
-    python scripts/check_spills.py [x86-64-v3 x86-64-v4 aarch64] [--cc cc] [--aarch64-cc aarch64-linux-gnu-gcc]
+    python scripts/check_spills.py [x86-64 x86-64-v3 x86-64-v4 aarch64] [--cc cc] [--aarch64-cc aarch64-linux-gnu-gcc]
 
-The kernel functions are noinline (gcc may add .constprop.N / .isra.N suffixes). A loop is a label
-that a later branch of the same function jumps back to; an innermost loop holds no other loop. The
-kernel's loops are the innermost ones with a fused multiply-add: the edge-tile stores around them
-may use the stack by design. Stack references are (%rsp), (%rbp) when it is the frame pointer,
-push and pop on x86; [sp and [x29 (when it is the frame pointer) on aarch64.
+x86-64 is the default build, which holds every x86 kernel set (c/isa.h: sse2, avx2, avx512,
+avx512bf16); x86-64-v3, x86-64-v4 and aarch64 are one-CPU builds, whose set is named `one`. Each set's
+functions carry its name as a suffix (c/kernels.h): the tiles tile_rowmajor, tile_transposed (which
+the emulated bf16 GEMM runs too) and, with native bf16, tile_bf16_rows are noinline, and so are the cell wrappers (rnn_forward, ..., gru_backward), into
+which cells.h's loops are inlined (gcc may add .constprop.N / .isra.N suffixes). A loop is a label
+that a later branch of the same function jumps back to; an innermost loop holds no other loop. A
+tile's loops are the innermost ones with a multiply-add (FMA, or multiply on SSE2, or VDPBF16PS):
+the edge-tile stores around them may use the stack by design. Stack references are (%rsp), (%rbp)
+when it is the frame pointer, push and pop on x86; [sp and [x29 (when it is the frame pointer) on
+aarch64. A gate loop is vectorized at full width when an innermost loop of the cell's function
+works on registers of that width (xmm 16, ymm 32, zmm 64 bytes; NEON's 16-byte v registers).
 """
 import argparse
 import os
@@ -20,19 +26,23 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = ('matmul_tile_rowmajor', 'matmul_tile_transposed')
-# target: (family, compiler option of this script, -march)
+TILES = ('tile_rowmajor', 'tile_transposed')   # and tile_bf16_rows in a set with native bf16 (avx512bf16)
+CELLS = {'rnn_forward': 2, 'rnn_backward': 1, 'lstm_forward': 1, 'lstm_backward': 1, 'gru_forward': 1,
+         'gru_backward': 1}   # each cell wrapper's `#pragma omp simd` loops (cells.h)
+# target: (family, compiler option of this script, flags, {kernel set: vector bytes})
 TARGETS = {
-    'x86-64-v3': ('x86', 'cc', 'x86-64-v3'),
-    'x86-64-v4': ('x86', 'cc', 'x86-64-v4'),
-    'aarch64': ('arm', 'aarch64_cc', 'armv8-a'),
+    'x86-64': ('x86', 'cc', [], {'sse2': 16, 'avx2': 32, 'avx512': 64, 'avx512bf16': 64}),
+    'x86-64-v3': ('x86', 'cc', ['-march=x86-64-v3', '-DPYRNN_ONE_ISA'], {'one': 32}),
+    'x86-64-v4': ('x86', 'cc', ['-march=x86-64-v4', '-DPYRNN_ONE_ISA'], {'one': 64}),
+    'aarch64': ('arm', 'aarch64_cc', ['-march=armv8-a'], {'one': 16}),
 }
-VEC_BYTES = {'x86-64-v3': 32, 'x86-64-v4': 64, 'aarch64': 16}   # the widest float vector of each target
-FMA = {'x86': re.compile(r'^v?f(n)?m(add|sub)'), 'arm': re.compile(r'^(fmla|fmls|fmadd|fmsub)(\.|$)')}
+MAC = {'x86': re.compile(r'^(v?f(n)?m(add|sub)|v?mulps|vdpbf16ps)'), 'arm': re.compile(r'^(fmla|fmls|fmadd|fmsub|fmul)(\.|$)')}
 BRANCH = {'x86': re.compile(r'^j[a-z]+$'), 'arm': re.compile(r'^(b|b\.?[a-z]{2}|cbn?z|tbn?z)$')}
 STACK = {'x86': re.compile(r'\(%rsp[,)]'), 'arm': re.compile(r'\[sp[\],]')}
 FRAME = {'x86': re.compile(r'\(%rbp[,)]'), 'arm': re.compile(r'\[x29[\],]')}
 FRAME_SETUP = {'x86': re.compile(r'^movq?\s+%rsp,\s*%rbp$'), 'arm': re.compile(r'^(mov|add)\s+x29,\s*sp\b')}
+REGISTER_BYTES = {'x86': [(re.compile(r'%zmm'), 64), (re.compile(r'%ymm'), 32), (re.compile(r'%xmm'), 16)],
+                  'arm': [(re.compile(r'\bv\d+\.(4s|16b|8h|2d)'), 16), (re.compile(r'\bq\d+\b'), 16)]}
 LABEL = re.compile(r'^([.\w$]+):')
 
 
@@ -80,57 +90,82 @@ def inner_loops(insns, labels, family):
     return sorted(a for a in loops if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in loops))
 
 
-def analyse(asm, family, names=KERNELS):
-    """[(symbol, loop label, instructions in the loop, stack references in it)] for every innermost
-    loop with an FMA in each kernel function; a function without one gives (symbol, None, 0, 0)."""
-    rows = []
+def loop_bodies(asm, family, names):
+    """{symbol: ([(first index, innermost loop body as (mnemonic, operands) pairs)], its stack test, its
+    labels)} for every function named in names"""
+    out = {}
     for sym, lines in functions(asm, names).items():
         insns, labels = parse(lines)
         has_frame = any(FRAME_SETUP[family].match(f'{op} {args}') for op, args in insns)
-        def is_stack(op, args):
+        def is_stack(op, args, has_frame=has_frame):
             return bool(STACK[family].search(args) or (has_frame and FRAME[family].search(args))
                         or (family == 'x86' and op.startswith(('push', 'pop'))))
-        found = False
-        for first, last in inner_loops(insns, labels, family):
-            body = insns[first:last + 1]
-            if not any(FMA[family].match(op) for op, _ in body):
-                continue
-            found = True
-            name = next(l for l, i in labels.items() if i == first)
-            rows.append((sym, name, len(body), sum(is_stack(op, args) for op, args in body)))
-        if not found:
+        out[sym] = ([(a, insns[a:b + 1]) for a, b in inner_loops(insns, labels, family)], is_stack, labels)
+    return out
+
+
+def width(body, family):
+    """the widest vector register an instruction of the loop names, in bytes (0: none)"""
+    return max((n for _, args in body for reg, n in REGISTER_BYTES[family] if reg.search(args)), default=0)
+
+
+def analyse(asm, family, names):
+    """[(symbol, loop label, instructions in the loop, stack references in it)] for every innermost loop
+    with a multiply-add in each function named; a function without one gives (symbol, None, 0, 0)."""
+    rows = []
+    for sym, (bodies, is_stack, labels) in loop_bodies(asm, family, names).items():
+        macs = [(first, b) for first, b in bodies if any(MAC[family].match(op) for op, _ in b)]
+        for first, body in macs:
+            label = next(l for l, i in labels.items() if i == first)
+            rows.append((sym, label, len(body), sum(is_stack(op, args) for op, args in body)))
+        if not macs:
             rows.append((sym, None, 0, 0))
     return rows
 
 
+def narrow_cells(asm, family, isa, vec_bytes):
+    """The cells of set isa with fewer innermost loops at the full vector width than simd loops"""
+    cells = loop_bodies(asm, family, [f'{c}_{isa}' for c in CELLS])
+    narrow = []
+    for c, n in CELLS.items():
+        bodies = [b for s, (bs, _, _) in cells.items() if s.split('.')[0] == f'{c}_{isa}' for _, b in bs]
+        if sum(width(b, family) >= vec_bytes for b in bodies) < n:
+            narrow.append(c)
+    return narrow
+
+
+def check_set(asm, family, isa, vec_bytes):
+    """The lines to print for kernel set isa, and whether it passed"""
+    lines, ok = [], True
+    names = [f'{t}_{isa}' for t in TILES + (('tile_bf16_rows',) if isa.endswith('bf16') else ())]
+    rows = analyse(asm, family, names)
+    for n in names:
+        if not any(sym.split('.')[0] == n for sym, *_ in rows):
+            lines.append(f'{isa:10} {n}: not found in the assembly (is it still noinline?)')
+            ok = False
+    for sym in dict.fromkeys(sym for sym, *_ in rows):
+        loops = [(n, stack) for s, label, n, stack in rows if s == sym and label is not None]
+        stack = sum(st for _, st in loops)
+        lines.append(f'{isa:10} {sym}: {len(loops)} inner multiply-add loops, {sum(n for n, _ in loops)} '
+                     f'instructions, {stack} stack references' + ('; SPILLS' if stack else ''))
+        ok = ok and bool(loops) and not stack
+    narrow = narrow_cells(asm, family, isa, vec_bytes)
+    lines.append(f'{isa:10} gate loops: {len(CELLS) - len(narrow)} of {len(CELLS)} cells vectorized at '
+                 f'{vec_bytes} bytes' + (f'; NOT: {", ".join(narrow)}' if narrow else ''))
+    return lines, ok and not narrow
+
+
 def compile_asm(target, out_dir, compilers, source):
-    """(family, assembly, gcc's vectorization report)"""
-    family, cc_opt, march = TARGETS[target]
+    """(family, assembly)"""
+    family, cc_opt, flags, _ = TARGETS[target]
     path = os.path.join(out_dir, f'train_rnn.{target}.s')
-    report = os.path.join(out_dir, f'train_rnn.{target}.vec.txt')
-    cmd = shlex.split(compilers[cc_opt]) + ['-S', '-O3', f'-march={march}', '-fopenmp', '-fno-math-errno',
-                                            f'-fopt-info-vec-optimized={report}', '-DPYRNN_LIBRARY', source, '-o', path]
+    cmd = shlex.split(compilers[cc_opt]) + ['-S', '-O3', *flags, '-fopenmp', '-fno-math-errno', '-DPYRNN_LIBRARY',
+                                            source, '-o', path]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f'{" ".join(cmd)} failed:\n{r.stderr.strip()}')
-    with open(path) as f, open(report) as g:
-        return family, f.read(), g.read()
-
-
-def simd_loops(source):
-    """Line numbers of the loops marked `#pragma omp simd` in the source: the gate loops."""
-    with open(source) as f:
-        lines = f.read().splitlines()
-    return [j + 1 for i, line in enumerate(lines) if line.strip() == '#pragma omp simd'
-            for j in range(i + 1, min(i + 3, len(lines))) if re.match(r'\s*for \(', lines[j])]
-
-
-def vector_widths(report, source):
-    """{line: widest vector in bytes} of the loops of `source` that gcc reports vectorized."""
-    name, out = re.escape(os.path.basename(source)), {}
-    for m in re.finditer(r'%s:(\d+):\d+: optimized: loop vectorized using (\d+) byte vectors' % name, report):
-        out[int(m.group(1))] = max(out.get(int(m.group(1)), 0), int(m.group(2)))
-    return out
+    with open(path) as f:
+        return family, f.read()
 
 
 def main(argv=None):
@@ -152,35 +187,21 @@ def main(argv=None):
         os.makedirs(out_dir, exist_ok=True)
         for target in args.targets:
             try:
-                family, asm, report = compile_asm(target, out_dir, compilers, args.source)
+                family, asm = compile_asm(target, out_dir, compilers, args.source)
             except (OSError, RuntimeError) as e:
                 print(f'{target}: cannot compile: {e}')
                 failed.append(target)
                 continue
-            rows = analyse(asm, family)
-            missing = [n for n in KERNELS if not any(s.split('.')[0] == n for s, *_ in rows)]
-            for n in missing:
-                print(f'{target:10} {n}: not found in the assembly (is it still noinline?)')
-            for sym in dict.fromkeys(s for s, *_ in rows):
-                loops = [(loop, n, stack) for s, loop, n, stack in rows if s == sym and loop is not None]
-                if not loops:
-                    print(f'{target:10} {sym}: no innermost loop with an FMA found')
-                    continue
-                spilling = ', '.join(f'{loop} ({stack} of {n})' for loop, n, stack in loops if stack)
-                print(f'{target:10} {sym}: {len(loops)} inner FMA loops, {sum(n for _, n, _ in loops)} instructions, '
-                      f'{sum(stack for *_, stack in loops)} stack references' + (f'; SPILLS in {spilling}' if spilling else ''))
-            widths, loops = vector_widths(report, args.source), simd_loops(args.source)
-            # gcc names a loop by its `for` line or by the first line of its body
-            width = {n: max(widths.get(n, 0), widths.get(n + 1, 0)) for n in loops}
-            narrow = [f'line {n} ({width[n] or "scalar"})' for n in loops if width[n] < VEC_BYTES[target]]
-            print(f'{target:10} gate loops: {len(loops) - len(narrow)} of {len(loops)} vectorized at {VEC_BYTES[target]} bytes'
-                  + (f'; NOT: {", ".join(narrow)}' if narrow else ''))
-            if missing or narrow or not loops or any(loop is None or stack for _, loop, _, stack in rows):
-                failed.append(target)
+            for isa, vec_bytes in TARGETS[target][3].items():
+                lines, ok = check_set(asm, family, isa, vec_bytes)
+                print('\n'.join(f'{target:10} {line}' for line in lines))
+                if not ok:
+                    failed.append(f'{target} {isa}')
     if failed:
         print(f'check_spills: FAILED for {", ".join(failed)}')
         return 1
-    print(f'check_spills: no stack references in the GEMM inner loops, gate loops vectorized ({", ".join(args.targets)})')
+    print(f'check_spills: no stack references in the tiles\' inner loops, gate loops vectorized, every kernel set '
+          f'of {", ".join(args.targets)}')
     return 0
 
 

@@ -9,8 +9,16 @@
 dir=$1 py_arch=$2
 shift 2
 QEMU_AARCH64=${QEMU_AARCH64:-qemu-aarch64 -L /usr/aarch64-linux-gnu}
+QEMU_X86=${QEMU_X86:-qemu-x86_64}
 refs=()
-for c in $CELLS; do refs+=("ref/ref_$c.bin"); done
+for c in $CELLS; do refs+=("ref/ref_$c.bin" "ref/ref_${c}_bf16.bin"); done
+
+# kernels LOG_DIR SET: every harness log in LOG_DIR says it ran the SET kernels
+kernels() {
+    local bad
+    bad=$(grep -L "^kernels: $2 " "$1"/*.log || true)
+    [ -z "$bad" ] || { echo "$1: expected the $2 kernels in $bad"; exit 1; }
+}
 
 # runs LEVEL: whether this CPU runs code built for an x86-64 level (gcc >= 12 knows them)
 runs() {
@@ -26,6 +34,23 @@ esac
 for build in "$@"; do
     command=$dir/$build/test_cpu
     case $build in
+        any)   # every set this CPU runs, then what a Haswell (AVX2) and a Nehalem (SSE4.2) would pick
+            sets=$("$command" --kernels | tr -d ,)
+            for set in $sets; do
+                PYRNN_ISA=$set scripts/harness.sh --label "any $set" "$dir/any/$set" "$command" "${refs[@]}"
+                kernels "$dir/any/$set" "$set"
+            done
+            command -v "$QEMU_X86" > /dev/null || { echo "$QEMU_X86 not found (apt-get install qemu-user)"; exit 1; }
+            for cpu in Haswell:avx2 Nehalem:sse2; do
+                scripts/harness.sh --label "any, qemu -cpu ${cpu%:*}" "$dir/any/${cpu%:*}" \
+                    "$QEMU_X86 -cpu ${cpu%:*} $command" "${refs[@]}"
+                kernels "$dir/any/${cpu%:*}" "${cpu#*:}"
+            done
+            continue ;;
+        pairs) runs x86-64-v3 || { echo "pairs: built; this CPU does not run AVX2"; continue; }
+            PYRNN_ISA=avx2pairs scripts/harness.sh --label pairs "$dir/pairs" "$command" "${refs[@]}"
+            kernels "$dir/pairs" avx2pairs
+            continue ;;
         aarch64) command="$QEMU_AARCH64 $command" ;;
         native) ;;
         *) runs "$build" || { echo "$build: built; this CPU does not run it"; continue; } ;;

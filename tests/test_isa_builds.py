@@ -157,7 +157,7 @@ def spills_module():
 
 X86 = """\
 \t.text
-matmul_tile_rowmajor.constprop.0:
+tile_rowmajor_avx2.constprop.0:
 \t.cfi_startproc
 \tpushq\t%rbp
 \tmovq\t%rsp, %rbp
@@ -177,17 +177,17 @@ matmul_tile_rowmajor.constprop.0:
 \tleave
 \tret
 \t.cfi_endproc
-\t.size\tmatmul_tile_rowmajor.constprop.0, .-matmul_tile_rowmajor.constprop.0
-matmul_tile_transposed:
+\t.size\ttile_rowmajor_avx2.constprop.0, .-tile_rowmajor_avx2.constprop.0
+tile_transposed_avx2:
 .L9:
 \tvfmadd231ps\t%ymm2, %ymm1, %ymm4
 \tjb\t.L9
 \tret
-\t.size\tmatmul_tile_transposed, .-matmul_tile_transposed
+\t.size\ttile_transposed_avx2, .-tile_transposed_avx2
 """
 
 ARM = """\
-matmul_tile_rowmajor:
+tile_rowmajor_avx2:
 \tstp\tx29, x30, [sp, -64]!
 \tmov\tx29, sp
 .L19:
@@ -197,26 +197,29 @@ matmul_tile_rowmajor:
 \tcmp\tx3, x5
 \tbne\t.L19
 \tret
-\t.size\tmatmul_tile_rowmajor, .-matmul_tile_rowmajor
-matmul_tile_transposed:
+\t.size\ttile_rowmajor_avx2, .-tile_rowmajor_avx2
+tile_transposed_avx2:
 .L30:
 \tldr\tq2, [x1], 16
 \tsubs\tw2, w2, #1
 \tfmla\tv3.4s, v2.4s, v4.s[1]
 \tb.ne\t.L30
 \tret
-\t.size\tmatmul_tile_transposed, .-matmul_tile_transposed
+\t.size\ttile_transposed_avx2, .-tile_transposed_avx2
 """
+
+
+NAMES = ['tile_rowmajor_avx2', 'tile_transposed_avx2']
 
 
 def test_spill_check_finds_stack_references_in_the_fma_loop():
     cs = spills_module()
-    clean = cs.analyse(X86.format(inner='\tvfmadd231ps\t%ymm2, %ymm0, %ymm5'), 'x86')
+    clean = cs.analyse(X86.format(inner='\tvfmadd231ps\t%ymm2, %ymm0, %ymm5'), 'x86', NAMES)
     # the scalar edge loop .L5 reads the stack by design and has no FMA: not a kernel loop
-    assert clean == [('matmul_tile_rowmajor.constprop.0', '.L3', 7, 0), ('matmul_tile_transposed', '.L9', 2, 0)]
-    spilled = cs.analyse(X86.format(inner='\tvmovaps\t%ymm6, 96(%rsp)\n\tvmovaps\t-64(%rbp), %ymm6'), 'x86')
-    assert spilled[0] == ('matmul_tile_rowmajor.constprop.0', '.L3', 8, 2)
-    pushed = cs.analyse(X86.format(inner='\tpushq\t%rbx\n\tpopq\t%rbx'), 'x86')
+    assert clean == [('tile_rowmajor_avx2.constprop.0', '.L3', 7, 0), ('tile_transposed_avx2', '.L9', 2, 0)]
+    spilled = cs.analyse(X86.format(inner='\tvmovaps\t%ymm6, 96(%rsp)\n\tvmovaps\t-64(%rbp), %ymm6'), 'x86', NAMES)
+    assert spilled[0] == ('tile_rowmajor_avx2.constprop.0', '.L3', 8, 2)
+    pushed = cs.analyse(X86.format(inner='\tpushq\t%rbx\n\tpopq\t%rbx'), 'x86', NAMES)
     assert pushed[0][3] == 2
 
 
@@ -224,22 +227,22 @@ def test_spill_check_counts_rbp_only_as_a_frame_pointer():
     cs = spills_module()
     # without `movq %rsp, %rbp`, rbp is one more general register
     asm = X86.replace('\tmovq\t%rsp, %rbp\n', '').format(inner='\tvmovups\t32(%rbp), %ymm6')
-    assert cs.analyse(asm, 'x86')[0][3] == 0
-    assert cs.analyse(X86.format(inner='\tvmovups\t32(%rbp), %ymm6'), 'x86')[0][3] == 1
+    assert cs.analyse(asm, 'x86', NAMES)[0][3] == 0
+    assert cs.analyse(X86.format(inner='\tvmovups\t32(%rbp), %ymm6'), 'x86', NAMES)[0][3] == 1
 
 
 def test_spill_check_aarch64():
     cs = spills_module()
-    assert cs.analyse(ARM.format(inner='\tfmla\tv5.4s, v1.4s, v2.s[1]'), 'arm') == [
-        ('matmul_tile_rowmajor', '.L19', 5, 0), ('matmul_tile_transposed', '.L30', 4, 0)]
-    spilled = cs.analyse(ARM.format(inner='\tstr\tq8, [sp, 160]\n\tldr\tq8, [x29, 32]'), 'arm')
-    assert spilled[0] == ('matmul_tile_rowmajor', '.L19', 6, 2)
+    assert cs.analyse(ARM.format(inner='\tfmla\tv5.4s, v1.4s, v2.s[1]'), 'arm', NAMES) == [
+        ('tile_rowmajor_avx2', '.L19', 5, 0), ('tile_transposed_avx2', '.L30', 4, 0)]
+    spilled = cs.analyse(ARM.format(inner='\tstr\tq8, [sp, 160]\n\tldr\tq8, [x29, 32]'), 'arm', NAMES)
+    assert spilled[0] == ('tile_rowmajor_avx2', '.L19', 6, 2)
 
 
 def test_spill_check_innermost_loop_only_and_missing_kernel():
     cs = spills_module()
     nested = """\
-matmul_tile_rowmajor:
+tile_rowmajor_avx2:
 .L1:
 \tmovq\t%rax, 8(%rsp)
 .L2:
@@ -248,9 +251,23 @@ matmul_tile_rowmajor:
 \tvfmadd231ps\t%zmm2, %zmm1, %zmm3
 \tjne\t.L1
 \tret
-\t.size\tmatmul_tile_rowmajor, .-matmul_tile_rowmajor
+\t.size\ttile_rowmajor_avx2, .-tile_rowmajor_avx2
 """
-    assert cs.analyse(nested, 'x86') == [('matmul_tile_rowmajor', '.L2', 2, 0)]
-    no_loop = 'matmul_tile_rowmajor:\n\tvfmadd231ps\t%zmm2, %zmm1, %zmm3\n\tret\n\t.size\tmatmul_tile_rowmajor, .-x\n'
-    assert cs.analyse(no_loop, 'x86') == [('matmul_tile_rowmajor', None, 0, 0)]
-    assert cs.analyse('other:\n\tret\n', 'x86') == []
+    assert cs.analyse(nested, 'x86', NAMES) == [('tile_rowmajor_avx2', '.L2', 2, 0)]
+    no_loop = 'tile_rowmajor_avx2:\n\tvfmadd231ps\t%zmm2, %zmm1, %zmm3\n\tret\n\t.size\ttile_rowmajor_avx2, .-x\n'
+    assert cs.analyse(no_loop, 'x86', NAMES) == [('tile_rowmajor_avx2', None, 0, 0)]
+    assert cs.analyse('other:\n\tret\n', 'x86', NAMES) == []
+
+
+def test_spill_check_sees_a_gate_loop_below_full_width():
+    cs = spills_module()
+    cell = """\
+lstm_forward_avx512:
+.L4:
+\tvaddps\t%{reg}1, %{reg}2, %{reg}3
+\tjne\t.L4
+\tret
+\t.size\tlstm_forward_avx512, .-lstm_forward_avx512
+"""
+    assert 'lstm_forward' not in cs.narrow_cells(cell.format(reg='zmm'), 'x86', 'avx512', 64)
+    assert 'lstm_forward' in cs.narrow_cells(cell.format(reg='ymm'), 'x86', 'avx512', 64)
