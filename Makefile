@@ -117,7 +117,7 @@ nccl_deps:
 
 # needs cuda/train_rnn.cu to call nccl_init and nccl_step_mean (see cuda/mpi_nccl.cuh); without nvcc
 # it says so and succeeds, as the other GPU targets do
-train_gpu_mpi: cuda/train_rnn.cu cuda/mpi_nccl.cuh $(C_SRC) $(C_DEPS) | mpi_deps
+train_gpu_mpi: cuda/train_rnn.cu $(wildcard cuda/*.cuh) $(C_SRC) $(C_DEPS) | mpi_deps
 	@test -n "$(NVCC)" || { echo "nvcc not found (PATH, CUDA_HOME=$(CUDA_HOME)): skipping $@"; exit 0; }; \
 	test -n "$(CUDNN_ROOT)$(gpu_sys_cudnn)" || { echo "error: cuDNN not found: make cuda_deps, or set CUDNN_PATH"; exit 1; }; \
 	test -n "$(NCCL_ROOT)$(mpi_sys_nccl)" || { echo "error: NCCL not found: make nccl_deps, or set NCCL_PATH"; exit 1; }; \
@@ -128,8 +128,10 @@ clean_mpi:
 	rm -f train_cpu_mpi train_gpu_mpi
 
 # ---- GPU ----
-# cuda/: the cuDNN trainer (./train_gpu), its compare-outputs harness (./test_gpu) and the library
-# behind pyrnn/_cuda.py (lib/libpyrnn_cuda.so). Without nvcc these targets say so and succeed.
+# cuda/: the GPU model (gpu_model.cuh on cudnn_rnn.cuh, kernels.cuh, gpu_check.cuh) built three ways:
+# the trainer ./train_gpu (train_rnn.cu), the library behind pyrnn/_cuda.py lib/libpyrnn_cuda.so
+# (lib_rnn.cu) and its compare-outputs harness ./test_gpu (test_rnn.cu, on the library's API).
+# Without nvcc these targets say so and succeed.
 # cuDNN and cuBLAS come from CUDNN_PATH / CUBLAS_PATH, else the CUDA toolkit or the system, else
 # the pip wheels (`make cuda_deps`), which ship only versioned sonames, hence -l:libX.so.N + rpath.
 CUDA_HOME ?= /usr/local/cuda
@@ -155,12 +157,17 @@ GPU_LIBS = $(call gpu_dep_flags,$(CUDNN_ROOT),cudnn) $(call gpu_dep_flags,$(CUBL
 # host side as for the CPU build: OpenMP, -march=native when the host compiler takes them; the C file's
 # `= { 0 }` initialisers are idiomatic C but draw -Wmissing-field-initializers as C++
 gpu_cxx_flag = $(shell echo 'int main(){return 0;}' | $(CXX) $(1) -x c++ - -o /dev/null 2>/dev/null && echo $(gpu_comma)$(1))
-GPU_HOST_FLAGS = $(eval GPU_HOST_FLAGS := -Wall,-Wextra,-Wno-unused-function,-Wno-missing-field-initializers$(call gpu_cxx_flag,-march=native)$(call gpu_cxx_flag,-fopenmp))$(GPU_HOST_FLAGS)
+# host code for the CPU that ARCH names (MARCH, as every C build)
+GPU_HOST_FLAGS = $(eval GPU_HOST_FLAGS := -Wall,-Wextra,-Wno-unused-function,-Wno-missing-field-initializers$(if $(MARCH),$(gpu_comma)$(MARCH))$(call gpu_cxx_flag,-fopenmp))$(GPU_HOST_FLAGS)
 GPU_ARCH ?= -gencode arch=compute_90,code=[sm_90,compute_90]
 NVCCFLAGS ?= -O3 -std=c++17 $(GPU_ARCH)
 NVCC_CMD = $(NVCC) $(NVCCFLAGS) -Xcompiler $(GPU_HOST_FLAGS)
 GPU_LDLIBS = $(GPU_LIBS) $(if $(findstring fopenmp,$(GPU_HOST_FLAGS)),-lgomp) -lm
-GPU_SRC = cuda/train_rnn.cu $(C_SRC) $(C_DEPS)
+# every GPU build depends on the headers and on its compile line (build/nvccflags, as build/cflags
+# for C): a checkout built elsewhere (other cuDNN paths, other ARCH) is rebuilt, not run
+GPU_SRC = $(wildcard cuda/*.cuh) $(C_SRC) $(C_DEPS) build/nvccflags
+build/nvccflags: FORCE
+	@mkdir -p $(@D); echo '$(NVCC_CMD) $(GPU_LDLIBS)' | cmp -s - $@ || echo '$(NVCC_CMD) $(GPU_LDLIBS)' > $@
 GPU_REF_CELLS = rnn rnn_relu lstm gru
 
 .PHONY: lib_gpu test_gpu_run refs_gpu cuda_deps gpu_build_check gpu_info gpu_verify bench_gpu clean_gpu
@@ -169,17 +176,17 @@ ifeq ($(NVCC),)
 train_gpu test_gpu lib_gpu:
 	@echo "nvcc not found (PATH, CUDA_HOME=$(CUDA_HOME)): skipping $@"
 else
-train_gpu: $(GPU_SRC)
+train_gpu: cuda/train_rnn.cu $(GPU_SRC)
 	@test -n "$(CUDNN_ROOT)$(gpu_sys_cudnn)" || { echo "error: cuDNN not found: make cuda_deps, or set CUDNN_PATH"; exit 1; }
 	$(NVCC_CMD) $< -o $@ $(GPU_LDLIBS)
-test_gpu: cuda/test_rnn.cu c/reference.h $(GPU_SRC)
+test_gpu: cuda/test_rnn.cu cuda/lib_rnn.cu c/reference.h $(GPU_SRC)
 	@test -n "$(CUDNN_ROOT)$(gpu_sys_cudnn)" || { echo "error: cuDNN not found: make cuda_deps, or set CUDNN_PATH"; exit 1; }
 	$(NVCC_CMD) $< -o $@ $(GPU_LDLIBS)
 lib_gpu: lib/libpyrnn_cuda.so
-lib/libpyrnn_cuda.so: $(GPU_SRC)
+lib/libpyrnn_cuda.so: cuda/lib_rnn.cu $(GPU_SRC)
 	@test -n "$(CUDNN_ROOT)$(gpu_sys_cudnn)" || { echo "error: cuDNN not found: make cuda_deps, or set CUDNN_PATH"; exit 1; }
 	@mkdir -p lib
-	$(NVCC_CMD) -Xcompiler -fPIC -shared -DPYRNN_CUDA_LIB $< -o $@ $(GPU_LDLIBS)
+	$(NVCC_CMD) -Xcompiler -fPIC -shared $< -o $@ $(GPU_LDLIBS)
 endif
 
 # builds all three when nvcc is here; succeeds (and says so) when it is not

@@ -24,7 +24,7 @@ from cffi import FFI
 from .oracle import CELLS, lm_num_params
 
 CDEF = """
-void* gpu_lm_new(int cell, int V, int E, int H, int L, int B, int T, int tf32, const char* algo);
+void* gpu_lm_new(int cell, int V, int E, int H, int L, int B, int T, int tf32, const char* algo, float dropout);
 void gpu_lm_free(void* self);
 const char* gpu_last_error(void);
 const char* gpu_lm_about(void* self);
@@ -90,7 +90,7 @@ class GpuLM:
         self.cell, self.V, self.E, self.H, self.L, self.B, self.T = cell, V, E, H, L, B, T
         self.num_params = lm_num_params(cell, V, E, H, L)
         self._ptr = lib.gpu_lm_new(CELLS.index(cell), V, E, H, L, B, T, 1 if tf32 else 0,
-                                   algo.encode() if algo else ffi.NULL)
+                                   algo.encode() if algo else ffi.NULL, 0.0)
         if self._ptr == ffi.NULL:
             raise RuntimeError(f'gpu_lm_new: {last_error()}')
         self.about = ffi.string(lib.gpu_lm_about(self._ptr)).decode('utf-8', 'replace')
