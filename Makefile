@@ -170,7 +170,7 @@ build/nvccflags: FORCE
 	@mkdir -p $(@D); echo '$(NVCC_CMD) $(GPU_LDLIBS)' | cmp -s - $@ || echo '$(NVCC_CMD) $(GPU_LDLIBS)' > $@
 GPU_REF_CELLS = rnn rnn_relu lstm gru
 
-.PHONY: lib_gpu test_gpu_run refs_gpu cuda_deps gpu_build_check gpu_info gpu_verify bench_gpu clean_gpu
+.PHONY: lib_gpu test_gpu_run refs_gpu cuda_deps gpu_build_check gpu_info gpu_verify gpu_wheels bench_gpu clean_gpu
 
 ifeq ($(NVCC),)
 train_gpu test_gpu lib_gpu:
@@ -207,12 +207,24 @@ gpu_info:
 cuda_deps:
 	$(PYTHON) scripts/gpu_env.py deps $(if $(NVCC),--nvcc $(NVCC))
 
-# everything the GPU side promises, on a GPU machine, in one command (docs/gpu.md): its own venv
-# under build/gpu_verify, the builds, the harness, train_gpu against train_cpu, checkpoints, the
-# bindings, the numerical-fault tests and the benchmark; out/gpu_verify/summary.txt. Without a GPU
-# it says so in one line and stops. GPU_VERIFY_ARGS="--skip bench" (or --only STAGE...) for part of it.
+# everything the GPU side promises, on a GPU machine, built there (docs/gpu.md): the builds, the
+# harness, train_gpu against train_cpu, checkpoints, the bindings, the numerical-fault tests and the
+# benchmark; out/gpu_verify/summary.txt. Without a GPU it says so in one line and stops.
+# GPU_VERIFY_ARGS="--skip bench" (or --only STAGE..., --python PY, --deadline S) for part of it.
 gpu_verify:
 	@$(PYTHON) scripts/gpu_verify.py $(GPU_VERIFY_ARGS)
+
+# what a GPU machine without network lacks for gpu_verify, as wheels for its Python (cp312 manylinux
+# by default): cffi and pycparser, which the C extension's build needs. Into .whl/ (ignored), where
+# gpu_verify installs from; carry that folder to the machine (docs/gpu.md)
+GPU_WHEELS_DIR ?= .whl
+GPU_WHEELS_PYTHON ?= 3.12
+GPU_WHEELS ?= cffi==2.0.0 pycparser==3.0
+gpu_wheels:
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version $(GPU_WHEELS_PYTHON) --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(GPU_WHEELS_DIR) $(GPU_WHEELS)
+	@ls $(GPU_WHEELS_DIR)
 
 # train_gpu's step against PyTorch's (torch from TORCH_PYTHON, or any python3 that has it)
 bench_gpu: lib_gpu

@@ -101,8 +101,8 @@ static int rnn_fallback(int* chosen, char* note, size_t note_size, const int* ca
         cudaError_t e = sticky();
         if (e != cudaSuccess)
             return fail("trying cuDNN's %s algorithm left a sticky CUDA error, %s (%s), after: %s; the CUDA context "
-                        "is lost, so no other algorithm was tried (--cudnn-algo standard avoids this one)", name,
-                        cudaGetErrorName(e), cudaGetErrorString(e), first);
+                        "is lost, so no other algorithm was tried (--cudnn-algo or PYRNN_CUDNN_ALGO standard avoids "
+                        "it)", name, cudaGetErrorName(e), cudaGetErrorString(e), first);
         snprintf(skipped + len, sizeof(skipped) - len, "%scuDNN refused %s: %.150s", len ? "; " : "", name, first);
     }
     if (asked) {
