@@ -711,64 +711,14 @@ def stage_checkpoint(v):
                     if ok else f'the checkpoints differ ({v.tail(r2, 1)})')
 
 
-CHARLM_CHECK = r'''
-import json, sys
-import numpy as np
-from pyrnn import CharLM, data
-ckpt, train_bin = sys.argv[1], sys.argv[2]
-ids, vocab = data.read_tokens(train_bin)
-B, T = 8, 64
-x = np.asarray(ids[:B * T], np.int32).reshape(B, T)
-y = np.asarray(ids[1:B * T + 1], np.int32).reshape(B, T)
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-from pyrnn.checkpoint import read_checkpoint
-ck = read_checkpoint(ckpt)
-out, m = {}, {}
-for b in ('c', 'cuda'):   # the checkpoint's weights, fresh AdamW state on both
-    m[b] = CharLM(ck['cell'], ck['vocab_size'], ck['embed_size'], ck['hidden_size'], ck['num_layers'], backend=b)
-    m[b].load_state_dict(ck['params'])
-loss = {b: m[b].forward(x, y) for b in m}
-out['loss'] = rel(loss['cuda'], loss['c'])
-out['logits'] = rel(m['cuda'].logits, m['c'].logits)
-out['h_n'] = rel(m['cuda'].h_n, m['c'].h_n)
-if m['c'].c_n is not None:
-    out['c_n'] = rel(m['cuda'].c_n, m['c'].c_n)
-for b in m:
-    m[b].zero_grad(); m[b].backward()
-g = {b: np.concatenate([t.ravel() for t in m[b].grad.values()]) for b in m}
-out['grads'] = rel(g['cuda'], g['c'])
-out['dh0'] = rel(m['cuda'].dh0, m['c'].dh0)
-norm = {b: m[b].step(2e-3, weight_decay=0.01, max_grad_norm=1.0) for b in m}
-out['norm'] = rel(norm['cuda'], norm['c'])
-p = {b: np.concatenate([t.ravel() for t in m[b].state_dict().values()]) for b in m}
-out['params after a step'] = rel(p['cuda'], p['c'])
-# complete save / load on the GPU, with dropout: moments, step count and generator continue exactly
-import os, tempfile
-def train(lm, n):
-    losses = []
-    for _ in range(n):
-        losses.append(lm.forward(x, y)); lm.zero_grad(); lm.backward(); lm.step(2e-3, max_grad_norm=1.0)
-    return losses
-a = CharLM.load(ckpt, backend='cuda')
-a.dropout = 0.2
-train(a, 2)
-path = os.path.join(tempfile.mkdtemp(), 'resumed.bin')
-a.save(path)
-b = CharLM.load(path, backend='cuda')
-same = train(a, 3) == train(b, 3) and all(np.array_equal(u, w) for u, w in zip(a.state_dict().values(),
-                                                                               b.state_dict().values()))
-out['save / load exact'] = 0.0 if same else 1.0
-print(json.dumps(out))
-'''
+CHARLM_CHECK = os.path.join(SCRIPTS, 'gpu_charlm_check.py')
 
 
 def stage_charlm(v):
     ckpt = getattr(v, 'checkpoint', None)
     if not ckpt or not os.path.exists(ckpt):
         return v.check(False, 'charlm', 'no GPU checkpoint (the checkpoint stage failed)')
-    r = v.run([v.py, '-c', CHARLM_CHECK, ckpt, os.path.join(v.data, 'train.bin')], timeout=300)
+    r = v.run([v.py, CHARLM_CHECK, ckpt, os.path.join(v.data, 'train.bin')], timeout=300)
     try:
         res = json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):

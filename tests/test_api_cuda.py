@@ -130,10 +130,14 @@ def stand_in(tmp_path_factory):
 def cuda(stand_in, monkeypatch):
     """backend='cuda' runs on the stand-in for this test."""
     monkeypatch.setenv('PYRNN_CUDA_LIB', stand_in)
-    monkeypatch.delitem(sys.modules, 'pyrnn._cuda', raising=False)
+    real = sys.modules.pop('pyrnn._cuda', None)   # the next import loads the stand-in ...
+    threads = pyrnn.get_num_threads()
     pyrnn.set_num_threads(1)   # the stand-in is single-threaded: the C side too, for the same sums
     yield
-    pyrnn.set_num_threads(os.cpu_count() or 1)
+    pyrnn.set_num_threads(threads)
+    sys.modules.pop('pyrnn._cuda', None)   # ... and no later test sees it
+    if real is not None:
+        sys.modules['pyrnn._cuda'] = real
 
 
 def batch(vocab, B=3, T=12, seed=0):

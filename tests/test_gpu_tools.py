@@ -94,7 +94,8 @@ def fake_env(version, init):
 # ---- make gpu_verify without a GPU
 
 def test_gpu_verify_without_a_driver_stops_at_once_with_one_line(tmp_path):
-    env = dict(os.environ, PYRNN_LIBCUDA=str(tmp_path / 'missing' / 'libcuda.so.1'), GPU_VERIFY_OUT=str(tmp_path / 'out'))
+    env = dict(os.environ, PYRNN_LIBCUDA=str(tmp_path / 'missing' / 'libcuda.so.1'),
+               GPU_VERIFY_OUT=str(tmp_path / 'out'))
     t = time.time()
     r = subprocess.run([sys.executable, os.path.join(SCRIPTS, 'gpu_verify.py')], env=env, capture_output=True,
                        text=True, timeout=60)
@@ -114,8 +115,9 @@ def test_gpu_verify_with_a_driver_but_no_device(tmp_path, fake_libcuda):
     r = subprocess.run([sys.executable, os.path.join(SCRIPTS, 'gpu_verify.py')], env=env, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 1
+    summary = os.path.relpath(tmp_path / 'summary.txt', ROOT)
     assert r.stdout.splitlines() == [f'gpu_verify: no CUDA device: the NVIDIA driver is installed ({_driver("13.0")}) '
-                                     f'but sees no GPU; nothing was verified ({os.path.relpath(tmp_path / "summary.txt", ROOT)})']
+                                     f'but sees no GPU; nothing was verified ({summary})']
 
 
 def _driver(cuda):
@@ -174,12 +176,14 @@ def test_gpu_binaries_name_the_driver_problem(tmp_path, fake_libcuda, binary):
         if version == 12040:
             assert 'for CUDA 12.4, this build uses CUDA 1' in r.stderr and 'which needs driver R' in r.stderr
             runtime = r.stderr
-    assert runtime and 'rebuild with a CUDA 12 toolkit (nvcc 12: make cuda_deps then installs the -cu12 wheels)' in runtime
+    assert runtime and ('rebuild with a CUDA 12 toolkit (nvcc 12: make cuda_deps then installs the -cu12 wheels)'
+                        in runtime)
 
 
 # ---- make cuda_deps: the pins follow nvcc's CUDA major version
 
-NVCC_13 = 'nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, V13.0.88\nBuild cuda_13.0.r13.0\n'
+NVCC_13 = ('nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, V13.0.88\n'
+           'Build cuda_13.0.r13.0\n')
 NVCC_12 = 'nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 12.4, V12.4.131\n'
 
 
@@ -195,7 +199,8 @@ def test_wheels_follow_the_cuda_major_version():
         gpu_env.parse_nvcc_version('nvcc: command not found')
 
 
-@pytest.mark.parametrize('text, wheel', [(NVCC_12, 'nvidia-cudnn-cu12==9.28.0.42'), (NVCC_13, 'nvidia-cudnn-cu13==9.28.1.4')])
+@pytest.mark.parametrize('text, wheel', [(NVCC_12, 'nvidia-cudnn-cu12==9.28.0.42'),
+                                         (NVCC_13, 'nvidia-cudnn-cu13==9.28.1.4')])
 def test_cuda_deps_asks_pip_for_the_pins_of_nvcc(tmp_path, text, wheel):
     nvcc = tmp_path / 'nvcc'
     nvcc.write_text('#!/bin/sh\ncat <<EOF\n' + text + 'EOF\n')
@@ -263,7 +268,8 @@ def test_bench_targets():
     missing = dict(row(32, 0), B=32)
     del missing['x_torch']
     t = bench_gpu.check_targets([row(64, 1.2), missing])
-    assert not t['ok'] and t['targets'][1] == {'target': '>= 1.5x torch at B=32', 'met': False, 'detail': 'not measured'}
+    assert not t['ok'] and t['targets'][1] == {'target': '>= 1.5x torch at B=32', 'met': False,
+                                               'detail': 'not measured'}
     assert t['notes'][0] == '1 shape(s) without a pyrnn / torch ratio (an error, or no torch)'
     assert not bench_gpu.check_targets([])['ok']
 
@@ -328,7 +334,8 @@ def test_cublas_workspace_is_fixed_before_any_handle(tmp_path, fake_libcuda, use
         code = ("from pyrnn import _cuda\ntry:\n    _cuda.GpuLM('lstm', 5, 4, 8, 1, 2, 3)\n"
                 "except RuntimeError as e:\n    print(e)")
         r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0 and r.stdout.startswith('gpu_lm_new: the NVIDIA driver is too old'), r.stdout + r.stderr
+        assert r.returncode == 0 and r.stdout.startswith('gpu_lm_new: the NVIDIA driver is too old'), \
+            r.stdout + r.stderr
         ran.append('lib')
     if not ran:
         pytest.skip('no GPU binary is built (make gpu_build_check)')
@@ -653,7 +660,7 @@ def test_bench_stage_reports_targets_not_failures(tmp_path, monkeypatch):
 
 
 def test_charlm_check_on_the_stand_in(tmp_path):
-    """gpu_verify's charlm script, run here on the stand-in library: CharLM(backend='cuda') agrees with
+    """gpu_verify's charlm check (scripts/gpu_charlm_check.py), run here on the stand-in library: CharLM(backend='cuda') agrees with
     backend 'c', and a cuda model saved with dropout and loaded again continues exactly."""
     so, why = cuda_stand_in.build(str(tmp_path))
     if not so:
@@ -666,7 +673,7 @@ def test_charlm_check_on_the_stand_in(tmp_path):
     lm = pyrnn.CharLM('lstm', len(vocab), 8, 16, 2, vocab=vocab, seed=1)
     lm.save(tmp_path / 'ck.bin')
     env = dict(os.environ, PYRNN_CUDA_LIB=so, OMP_NUM_THREADS='1')
-    r = subprocess.run([sys.executable, '-c', gpu_verify.CHARLM_CHECK, str(tmp_path / 'ck.bin'),
+    r = subprocess.run([sys.executable, gpu_verify.CHARLM_CHECK, str(tmp_path / 'ck.bin'),
                         str(tmp_path / 'd' / 'train.bin')], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
