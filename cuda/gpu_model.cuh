@@ -124,6 +124,9 @@ static uint64_t gpu_dropout_seed(const GpuLM* g) { return mix64(g->rng ^ 0xD1B54
 // generator from rng
 static int gpu_set_dropout(GpuLM* g, float p) {
     if (!(p >= 0.0f && p < 1.0f)) return fail("dropout must be in [0, 1), got %g", (double)p);
+    if (p == g->dropout) return 0;
+    if (g->fwd_ready)   // cuDNN's backward reads the forward's masks through the descriptor
+        return fail("the dropout rate cannot change between a forward pass and its backward");
     if (p > 0.0f && !g->head_in &&
         gpu_alloc(&g->head_in, gpu_bt(g) * g->config.hidden_size * 4, "the head's dropped input")) return -1;
     if (rnn_set_dropout(&g->rnn, p, gpu_dropout_seed(g))) return -1;
