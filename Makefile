@@ -154,8 +154,8 @@ gpu_libdir = $(firstword $(wildcard $(1)/lib64/lib$(2).so* $(1)/lib/lib$(2).so*)
 gpu_libflag = $(if $(wildcard $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so),-l$(2),-l:$(notdir $(firstword $(wildcard $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so.[0-9] $(dir $(call gpu_libdir,$(1),$(2)))lib$(2).so.[0-9][0-9]))))
 gpu_dep_flags = $(if $(1),-I$(1)/include -L$(dir $(call gpu_libdir,$(1),$(2))) -Xlinker -rpath$(gpu_comma)$(patsubst %/,%,$(dir $(call gpu_libdir,$(1),$(2)))) $(call gpu_libflag,$(1),$(2)),-l$(2))
 GPU_LIBS = $(call gpu_dep_flags,$(CUDNN_ROOT),cudnn) $(call gpu_dep_flags,$(CUBLAS_ROOT),cublas)
-# host side as for the CPU build: OpenMP, -march=native when the host compiler takes them; the C file's
-# `= { 0 }` initialisers are idiomatic C but draw -Wmissing-field-initializers as C++
+# host side as for the CPU build: OpenMP when the host compiler takes it; the C file's `= { 0 }`
+# initialisers are idiomatic C but draw -Wmissing-field-initializers as C++
 gpu_cxx_flag = $(shell echo 'int main(){return 0;}' | $(CXX) $(1) -x c++ - -o /dev/null 2>/dev/null && echo $(gpu_comma)$(1))
 # host code for the CPU that ARCH names (MARCH, as every C build)
 GPU_HOST_FLAGS = $(eval GPU_HOST_FLAGS := -Wall,-Wextra,-Wno-unused-function,-Wno-missing-field-initializers$(if $(MARCH),$(gpu_comma)$(MARCH))$(call gpu_cxx_flag,-fopenmp))$(GPU_HOST_FLAGS)
