@@ -98,8 +98,10 @@ clean:
 	rm -rf train_cpu test_cpu lib ref build *.egg-info pyrnn/_crnn*.so pyrnn/_crnn*.c pyrnn/_crnn*.o
 
 # ---- GPU ----
-# cuda/: the cuDNN trainer (./train_gpu), its compare-outputs harness (./test_gpu) and the library
-# behind pyrnn/_cuda.py (lib/libpyrnn_cuda.so). Without nvcc these targets say so and succeed.
+# cuda/: the GPU model (gpu_model.cuh on cudnn_rnn.cuh, kernels.cuh, gpu_check.cuh) built three ways:
+# the trainer ./train_gpu (train_rnn.cu), the library behind pyrnn/_cuda.py lib/libpyrnn_cuda.so
+# (lib_rnn.cu) and its compare-outputs harness ./test_gpu (test_rnn.cu, on the library's API).
+# Without nvcc these targets say so and succeed.
 # cuDNN and cuBLAS come from CUDNN_PATH / CUBLAS_PATH, else the CUDA toolkit or the system, else
 # the pip wheels (`make cuda_deps`), which ship only versioned sonames, hence -l:libX.so.N + rpath.
 CUDA_HOME ?= /usr/local/cuda
@@ -138,25 +140,29 @@ GPU_ARCH ?= -gencode arch=compute_90,code=[sm_90,compute_90]
 NVCCFLAGS ?= -O3 -std=c++17 $(GPU_ARCH)
 NVCC_CMD = $(NVCC) $(NVCCFLAGS) -Xcompiler $(subst $(space),$(comma),$(strip $(GPU_HOST_FLAGS)))
 GPU_LDLIBS = $(GPU_LIBS) $(if $(filter -fopenmp,$(GPU_HOST_FLAGS)),-lgomp) -lm
-GPU_SRC = cuda/train_rnn.cu $(wildcard cuda/*.cuh) $(C_SRC) $(C_DEPS)
+# every GPU build depends on the headers and on its compile line (build/nvccflags, as build/cflags
+# for C): a checkout built elsewhere (other cuDNN paths, other ARCH) is rebuilt, not run
+GPU_SRC = $(wildcard cuda/*.cuh) $(C_SRC) $(C_DEPS) build/nvccflags
+build/nvccflags: FORCE
+	@mkdir -p $(@D); echo '$(NVCC_CMD) $(GPU_LDLIBS)' | cmp -s - $@ || echo '$(NVCC_CMD) $(GPU_LDLIBS)' > $@
 
-.PHONY: lib_gpu test_gpu_run refs_gpu cuda_deps gpu_build_check gpu_info gpu_verify bench_gpu clean_gpu
+.PHONY: lib_gpu test_gpu_run refs_gpu cuda_deps gpu_build_check gpu_info gpu_verify gpu_wheels bench_gpu clean_gpu
 
 ifeq ($(NVCC),)
 train_gpu test_gpu lib_gpu:
 	@echo "nvcc not found (PATH, CUDA_HOME=$(CUDA_HOME)): skipping $@"
 else
-train_gpu: $(GPU_SRC)
+train_gpu: cuda/train_rnn.cu $(GPU_SRC)
 	@$(need_cudnn)
 	$(NVCC_CMD) $< -o $@ $(GPU_LDLIBS)
-test_gpu: cuda/test_rnn.cu $(GPU_SRC)
+test_gpu: cuda/test_rnn.cu cuda/lib_rnn.cu c/reference.h $(GPU_SRC)
 	@$(need_cudnn)
 	$(NVCC_CMD) $< -o $@ $(GPU_LDLIBS)
 lib_gpu: lib/libpyrnn_cuda.so
-lib/libpyrnn_cuda.so: $(GPU_SRC)
+lib/libpyrnn_cuda.so: cuda/lib_rnn.cu $(GPU_SRC)
 	@$(need_cudnn)
 	@mkdir -p lib
-	$(NVCC_CMD) -Xcompiler -fPIC -shared -DPYRNN_CUDA_LIB $< -o $@ $(GPU_LDLIBS)
+	$(NVCC_CMD) -Xcompiler -fPIC -shared $< -o $@ $(GPU_LDLIBS)
 endif
 
 # builds all three when nvcc is here; succeeds (and says so) when it is not
@@ -177,12 +183,24 @@ gpu_info:
 cuda_deps:
 	$(PYTHON) scripts/gpu_env.py deps $(if $(NVCC),--nvcc $(NVCC))
 
-# everything the GPU side promises, on a GPU machine, in one command (docs/gpu.md): its own venv
-# under build/gpu_verify, the builds, the harness, train_gpu against train_cpu, checkpoints, the
-# bindings, the numerical-fault tests and the benchmark; out/gpu_verify/summary.txt. Without a GPU
-# it says so in one line and stops. GPU_VERIFY_ARGS="--skip bench" (or --only STAGE...) for part of it.
+# everything the GPU side promises, on a GPU machine, built there (docs/gpu.md): the builds, the
+# harness, train_gpu against train_cpu, checkpoints, the bindings, the numerical-fault tests and the
+# benchmark; out/gpu_verify/summary.txt. Without a GPU it says so in one line and stops.
+# GPU_VERIFY_ARGS="--skip bench" (or --only STAGE..., --python PY, --deadline S) for part of it.
 gpu_verify:
 	@$(PYTHON) scripts/gpu_verify.py $(GPU_VERIFY_ARGS)
+
+# what a GPU machine without network lacks for gpu_verify, as wheels for its Python (cp312 manylinux
+# by default): cffi and pycparser, which the C extension's build needs. Into .whl/ (ignored), where
+# gpu_verify installs from; carry that folder to the machine (docs/gpu.md)
+GPU_WHEELS_DIR ?= .whl
+GPU_WHEELS_PYTHON ?= 3.12
+GPU_WHEELS ?= cffi==2.0.0 pycparser==3.0
+gpu_wheels:
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version $(GPU_WHEELS_PYTHON) --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(GPU_WHEELS_DIR) $(GPU_WHEELS)
+	@ls $(GPU_WHEELS_DIR)
 
 # train_gpu's step against PyTorch's (torch from TORCH_PYTHON, or any python3 that has it)
 bench_gpu: lib_gpu
@@ -243,7 +261,7 @@ nccl_deps:
 
 # needs cuda/train_rnn.cu to call nccl_init and nccl_step_mean (see cuda/mpi_nccl.cuh); without nvcc
 # it says so and succeeds, as the other GPU targets do
-train_gpu_mpi: $(GPU_SRC) | mpi_deps
+train_gpu_mpi: cuda/train_rnn.cu $(GPU_SRC) | mpi_deps
 	@test -n "$(NVCC)" || { echo "nvcc not found (PATH, CUDA_HOME=$(CUDA_HOME)): skipping $@"; exit 0; }; \
 	$(need_cudnn); $(call gpu_need,NCCL,nccl.h,NCCL,nccl_deps); \
 	echo "$(GPU_MPI_CMD)"; $(GPU_MPI_CMD)

@@ -7,9 +7,9 @@ Default math is exact fp32 (cuDNN FMA math, no TF32 in cuBLAS); -tf32 is for loo
 passing (expect ~1e-3). -algo picks cuDNN's RNN algorithm (default auto); exit status 3 means
 cuDNN does not run the one asked for at this shape.
 */
-#define PYRNN_CUDA_NO_MAIN
-#include "train_rnn.cu"
-#include "../c/reference.h"
+#include "lib_rnn.cu"          // the library's API, as pyrnn/_cuda.py drives it
+#include "../c/fileio.h"       // Blob, for the reference reader
+#include "../c/reference.h"    // the reference file and the per-tensor checks
 
 static int die(void) {
     fprintf(stderr, "error: %s\n", pyrnn_last_error());
@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
     int lstm = c.cell == CELL_LSTM;
     printf("reference %s: cell=%s V=%d E=%d H=%d L=%d B=%d T=%d steps=%d | gpu %s math\n", argv[1], cell_names[c.cell],
            c.vocab_size, c.embed_size, c.hidden_size, c.n_layers, r.B, r.T, r.n_steps, tf32 ? "tf32" : "fp32");
-    void* g = gpu_lm_new(c.cell, c.vocab_size, c.embed_size, c.hidden_size, c.n_layers, r.B, r.T, tf32, algo);
+    void* g = gpu_lm_new(c.cell, c.vocab_size, c.embed_size, c.hidden_size, c.n_layers, r.B, r.T, tf32, algo, 0.0f);
     if (!g) return gpu_algo_refused ? (die(), 3) : die();
     printf("gpu: %s\n", gpu_lm_about(g));
     float* logits = (float*)malloc(btv * sizeof(float));
@@ -44,7 +44,10 @@ int main(int argc, char** argv) {
     float* states = (float*)malloc(4 * bh * sizeof(float));   // h_n, c_n, dh0, dc0
     float* losses = (float*)malloc((r.n_steps + 1) * sizeof(float));
     float* norms = (float*)malloc((r.n_steps + 1) * sizeof(float));
-    if (!logits || !grads || !params || !states || !losses || !norms) { fprintf(stderr, "error: out of memory\n"); return 1; }
+    if (!logits || !grads || !params || !states || !losses || !norms) {
+        fprintf(stderr, "error: out of memory\n");
+        return 1;
+    }
     float *h_n = states, *c_n = states + bh, *dh0 = states + 2 * bh, *dc0 = states + 3 * bh;
     const float* c0 = lstm ? r.c0 : NULL;
 
@@ -56,13 +59,14 @@ int main(int argc, char** argv) {
     check("loss", &loss, r.loss, 1, tolerance);
     check("h_n", h_n, r.h_n, bh, tolerance);
     if (lstm) check("c_n", c_n, r.c_n, bh, tolerance);
-    if (gpu_lm_zero_grad(g) || gpu_lm_backward(g) || gpu_lm_get_grads(g, grads) || gpu_lm_get_dstate(g, dh0, lstm ? dc0 : NULL)) return die();
+    if (gpu_lm_zero_grad(g) || gpu_lm_backward(g) || gpu_lm_get_grads(g, grads) ||
+        gpu_lm_get_dstate(g, dh0, lstm ? dc0 : NULL)) return die();
     check_params("grad", &c, grads, r.grads, tolerance);
     check("grad h0", dh0, r.dh0, bh, tolerance);
     if (lstm) check("grad c0", dc0, r.dc0, bh, tolerance);
 
     // n_steps of AdamW with clipping on the same batch, from the same params and a fresh optimizer
-    if (gpu_lm_set_params(g, r.params)) return die();
+    if (gpu_lm_set_params(g, r.params) || gpu_lm_set_adam(g, NULL, NULL, 0)) return die();
     for (int s = 0; s < r.n_steps; s++) {
         if (gpu_lm_forward(g, &losses[s], r.inputs, r.targets, r.h0, c0)) return die();
         if (gpu_lm_zero_grad(g) || gpu_lm_backward(g)) return die();

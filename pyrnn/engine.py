@@ -56,7 +56,8 @@ class Engine:
         """CharLM's regularisers beyond dropout, applied while training: locked dropout masks, weight
         drop on W_hh, embedding dropout (engines without them refuse a non-default setting)."""
         if locked or weight_drop or embed_dropout:
-            raise NotImplementedError(f'{type(self).__name__} has no locked dropout, weight drop or embedding dropout')
+            raise ValueError(f'{type(self).__name__} has no locked dropout, weight drop or embedding dropout: '
+                             "use backend 'c' or 'numpy'")
 
     def set_rng(self, state):
         """Set the dropout generator's state (as a checkpoint holds it)."""

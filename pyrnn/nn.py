@@ -22,7 +22,6 @@ tables below, and keeps nothing the engine owns: parameters, gradients, AdamW mo
 dropout generator. AdamW and clip_grad_norm_ are in pyrnn.optim.
 """
 import math
-import warnings
 
 import numpy as np
 
@@ -449,11 +448,7 @@ class CharLM(Module):
                              'save(path, vocab=...)')
         if len(vocab) != self.vocab_size:
             raise ValueError(f'vocab has {len(vocab)} symbols, the model {self.vocab_size}')
-        try:
-            adam = self._engine.adam_state()
-        except NotImplementedError as e:
-            warnings.warn(f'{e}: the checkpoint holds no AdamW state', RuntimeWarning, stacklevel=2)
-            adam = None
+        adam = self._engine.adam_state()
         m, v, t = (None, None, 0) if adam is None else (oracle.flatten(adam[0]), oracle.flatten(adam[1]), adam[2])
         write_checkpoint(path, self.cell, self.state_dict(), vocab.symbols, m=m, v=v, adam_t=t,
                          dropout=self.dropout, rng=self._engine.rng, precision=self.precision,
@@ -479,11 +474,8 @@ class CharLM(Module):
         if ck['adam_t'] > 0:
             shapes = oracle.lm_param_shapes(ck['cell'], ck['vocab_size'], ck['embed_size'], ck['hidden_size'],
                                             ck['num_layers'])
-            try:
-                model._engine.load_adam(oracle.unflatten(ck['m'], shapes), oracle.unflatten(ck['v'], shapes),
-                                        ck['adam_t'])
-            except NotImplementedError as e:
-                warnings.warn(f'{e}: AdamW starts afresh', RuntimeWarning, stacklevel=2)
+            model._engine.load_adam(oracle.unflatten(ck['m'], shapes), oracle.unflatten(ck['v'], shapes),
+                                    ck['adam_t'])
         return (model, ck['vocab']) if with_vocab else model
 
     def sample(self, prime, length, temperature=1.0, top_k=0, seed=0):

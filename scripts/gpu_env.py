@@ -33,7 +33,8 @@ DRIVER_BRANCH = {13: 'R580', 12: 'R525'}   # the oldest driver of each CUDA majo
 def find_nvcc():
     """nvcc from $NVCC, the PATH, $CUDA_HOME/bin or /usr/local/cuda/bin; None if none."""
     for cand in (os.environ.get('NVCC'), shutil.which('nvcc'),
-                 os.path.join(os.environ.get('CUDA_HOME', '/usr/local/cuda'), 'bin', 'nvcc'), '/usr/local/cuda/bin/nvcc'):
+                 os.path.join(os.environ.get('CUDA_HOME', '/usr/local/cuda'), 'bin', 'nvcc'),
+                 '/usr/local/cuda/bin/nvcc'):
         if cand and os.access(cand, os.X_OK):
             return cand
     return None
@@ -225,7 +226,8 @@ def main(argv=None):
     nvcc = args.nvcc or find_nvcc()
     if args.cmd == 'deps':
         if not nvcc:
-            print('error: nvcc not found (PATH, $NVCC, $CUDA_HOME/bin): the wheels follow its CUDA version', file=sys.stderr)
+            print('error: nvcc not found (PATH, $NVCC, $CUDA_HOME/bin): the wheels follow its CUDA version',
+                  file=sys.stderr)
             return 1
         try:
             return install_deps(nvcc, args.dry_run, rest)
