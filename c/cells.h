@@ -12,12 +12,15 @@
 // what backward needs.
 
 CELL_INLINE void rnn_cell_forward(float* h, const float* gx, const float* gh, const float* b_ih,
-                             const float* b_hh, int relu, int b0, int b1, int H) {
+                                  const float* b_hh, int relu, int b0, int b1, int H) {
     for (int b = b0; b < b1; b++) {
         size_t k = (size_t)b * H;   // two loops: tanh inside a branch would keep the loop scalar on AVX2
         if (relu) {
             #pragma omp simd
-            for (int j = 0; j < H; j++) { float pre = gx[k + j] + b_ih[j] + gh[k + j] + b_hh[j]; h[k + j] = pre > 0.0f ? pre : 0.0f; }
+            for (int j = 0; j < H; j++) {
+                float pre = gx[k + j] + b_ih[j] + gh[k + j] + b_hh[j];
+                h[k + j] = pre > 0.0f ? pre : 0.0f;
+            }
         } else {
             #pragma omp simd
             for (int j = 0; j < H; j++) h[k + j] = tanh_approx(gx[k + j] + b_ih[j] + gh[k + j] + b_hh[j]);
@@ -27,7 +30,8 @@ CELL_INLINE void rnn_cell_forward(float* h, const float* gx, const float* gh, co
 
 // Backward cells take dL/dh_t as dh (what came back through W_hh) plus dy (what the layer above
 // sent), and leave in dh the part of dL/dh_{t-1} that bypasses W_hh.
-CELL_INLINE void rnn_cell_backward(float* dgates, float* dh, const float* dy, const float* h, int relu, int b0, int b1, int H) {
+CELL_INLINE void rnn_cell_backward(float* dgates, float* dh, const float* dy, const float* h, int relu, int b0, int b1,
+                                   int H) {
     for (int b = b0; b < b1; b++)
         #pragma omp simd
         for (int j = 0; j < H; j++) {
@@ -40,7 +44,7 @@ CELL_INLINE void rnn_cell_backward(float* dgates, float* dh, const float* dy, co
 
 // gates: in, W_ih x_t; out, activated i, f, g, o
 CELL_INLINE void lstm_cell_forward(float* h, float* c, float* gates, const float* gh, const float* c_prev,
-                              const float* b_ih, const float* b_hh, int b0, int b1, int H) {
+                                   const float* b_ih, const float* b_hh, int b0, int b1, int H) {
     for (int b = b0; b < b1; b++) {
         float* g = gates + (size_t)b * 4 * H;
         const float* r = gh + (size_t)b * 4 * H;
@@ -59,8 +63,8 @@ CELL_INLINE void lstm_cell_forward(float* h, float* c, float* gates, const float
     }
 }
 
-CELL_INLINE void lstm_cell_backward(float* dgates, float* dh, float* dc, const float* dy, const float* gates, const float* c,
-                               const float* c_prev, int b0, int b1, int H) {
+CELL_INLINE void lstm_cell_backward(float* dgates, float* dh, float* dc, const float* dy, const float* gates,
+                                    const float* c, const float* c_prev, int b0, int b1, int H) {
     // dc: in, dL/dc_t from step t+1; out, dL/dc_{t-1}
     for (int b = b0; b < b1; b++) {
         const float* g = gates + (size_t)b * 4 * H;
@@ -84,7 +88,7 @@ CELL_INLINE void lstm_cell_backward(float* dgates, float* dh, float* dc, const f
 
 // gates: in, W_ih x_t; out, activated r, z, n. hn keeps W_hn h_{t-1} + b_hn, which r multiplies.
 CELL_INLINE void gru_cell_forward(float* h, float* gates, float* hn, const float* gh, const float* h_prev,
-                             const float* b_ih, const float* b_hh, int b0, int b1, int H) {
+                                  const float* b_ih, const float* b_hh, int b0, int b1, int H) {
     for (int b = b0; b < b1; b++) {
         float* g = gates + (size_t)b * 3 * H;
         const float* r = gh + (size_t)b * 3 * H;
@@ -103,7 +107,7 @@ CELL_INLINE void gru_cell_forward(float* h, float* gates, float* hn, const float
 }
 
 CELL_INLINE void gru_cell_backward(float* dgates, float* dgates_h, float* dh, const float* dy, const float* gates,
-                              const float* hn, const float* h_prev, int b0, int b1, int H) {
+                                   const float* hn, const float* h_prev, int b0, int b1, int H) {
     // dgates_h differs from dgates only in the n block: r scales W_hn h + b_hn
     for (int b = b0; b < b1; b++) {
         const float* g = gates + (size_t)b * 3 * H;

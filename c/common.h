@@ -104,7 +104,8 @@ typedef struct {
 
 // the one check of a recurrent stack's shape, for the layer API and the language model alike
 static int stack_config_check(int cell, int input_size, int hidden_size, int n_layers) {
-    if (cell < 0 || cell >= N_CELLS) return fail("unknown cell %d (expected 0..%d: %s)", cell, N_CELLS - 1, cell_list());
+    if (cell < 0 || cell >= N_CELLS)
+        return fail("unknown cell %d (expected 0..%d: %s)", cell, N_CELLS - 1, cell_list());
     if (input_size <= 0) return fail("input size must be positive, got %d", input_size);
     if (hidden_size <= 0) return fail("hidden size must be positive, got %d", hidden_size);
     if (n_layers <= 0) return fail("number of layers must be positive, got %d", n_layers);

@@ -39,7 +39,8 @@ __attribute__((noreturn)) static void dist_abort(const char* call, int rc, const
     MPI_Abort(MPI_COMM_WORLD, 1);
     exit(1);   // MPI_Abort does not return; if it did, this rank still stops
 }
-#define MPI_CHECK(call) do { int rc_ = (call); if (rc_ != MPI_SUCCESS) dist_abort(#call, rc_, __FILE__, __LINE__); } while (0)
+#define MPI_CHECK(call) \
+    do { int rc_ = (call); if (rc_ != MPI_SUCCESS) dist_abort(#call, rc_, __FILE__, __LINE__); } while (0)
 
 // MPI counts are ints: larger buffers go in pieces (a buffer of 2^30 floats is 4 GiB)
 #define DIST_CHUNK (1 << 30)

@@ -30,7 +30,8 @@ typedef struct {
     // finite); the final state becomes the carried state. Between backward and the update it calls
     // dist_step_mean (dist.h), which agrees with the other ranks on the step and averages the loss and
     // gradients over them (nothing in one process). B is this rank's share of the streams.
-    int (*train_step)(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets, const StepParams* sp);
+    int (*train_step)(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets,
+                      const StepParams* sp);
     // forward only, no dropout, from host state h, c, which it overwrites with the final state
     int (*eval_step)(void* self, float* loss, const int* inputs, const int* targets, float* h, float* c);
     // n tokens drawn after the prime token from the current weights; the carried state is untouched
@@ -70,7 +71,8 @@ static int parse_flags(Flag* flags, int n, int argc, char** argv) {
     for (int i = 1; i < argc; i++) {
         const char* a = argv[i];
         if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) { print_usage(argv[0], flags, n); return 1; }
-        if (a[0] != '-' || !a[1] || a[2]) return fail("unexpected argument '%s' (flags are a dash and one letter; -h lists them)", a);
+        if (a[0] != '-' || !a[1] || a[2])
+            return fail("unexpected argument '%s' (flags are a dash and one letter; -h lists them)", a);
         Flag* f = NULL;
         for (int k = 0; k < n; k++) if (flags[k].flag == a[1]) f = &flags[k];
         if (!f) return fail("unknown flag %s (-h lists them)", a);
@@ -80,7 +82,8 @@ static int parse_flags(Flag* flags, int n, int argc, char** argv) {
         errno = 0;
         if (f->kind == 'i') {
             long x = strtol(v, &end, 10);
-            if (!*v || *end || errno || x < -2147483647L || x > 2147483647L) return fail("flag %s needs an integer, got '%s'", a, v);
+            if (!*v || *end || errno || x < -2147483647L || x > 2147483647L)
+                return fail("flag %s needs an integer, got '%s'", a, v);
             *(int*)f->dst = (int)x;
         } else if (f->kind == 'l') {
             long long x = strtoll(v, &end, 10);
@@ -118,13 +121,15 @@ static int check_args(const TrainArgs* a) {
     if (a->weight_decay < 0.0f) return fail("-w weight decay must be >= 0, got %g", a->weight_decay);
     if (a->grad_clip < 0.0f) return fail("-g grad clip must be >= 0 (0 = off), got %g", a->grad_clip);
     if (a->dropout < 0.0f || a->dropout >= 1.0f) return fail("-p dropout must be in [0, 1), got %g", a->dropout);
-    if (a->weight_drop < 0.0f || a->weight_drop >= 1.0f) return fail("-W weight drop must be in [0, 1), got %g", a->weight_drop);
+    if (a->weight_drop < 0.0f || a->weight_drop >= 1.0f)
+        return fail("-W weight drop must be in [0, 1), got %g", a->weight_drop);
     if (a->embed_dropout < 0.0f || a->embed_dropout >= 1.0f)
         return fail("-D embedding dropout must be in [0, 1), got %g", a->embed_dropout);
     if (strcmp(a->masks, "step") != 0 && strcmp(a->masks, "locked") != 0)
         return fail("-d must be step or locked, got '%s'", a->masks);
     if (a->budget < 0) return fail("-x budget must be >= 0 seconds (0 = none), got %d", a->budget);
-    if (a->final_lr_frac < 0.0f || a->final_lr_frac > 1.0f) return fail("-q final lr fraction must be in [0, 1], got %g", a->final_lr_frac);
+    if (a->final_lr_frac < 0.0f || a->final_lr_frac > 1.0f)
+        return fail("-q final lr fraction must be in [0, 1], got %g", a->final_lr_frac);
     if (a->eval_every < 0 || a->sample_every < 0 || a->ckpt_every < 0 || a->warmup < 0 || a->threads < 0 ||
         a->sample_len < 0 || a->top_k < 0)
         return fail("-v, -s, -k, -u, -P, -m and -K must be >= 0");
@@ -153,7 +158,8 @@ static int make_dirs(const char* path) {
         int end = *q == 0;
         if (*q == '/' || end) {
             *q = 0;
-            if (mkdir(p, 0755) != 0 && errno != EEXIST) return fail("-o %s: cannot create %s: %s", path, p, strerror(errno));
+            if (mkdir(p, 0755) != 0 && errno != EEXIST)
+                return fail("-o %s: cannot create %s: %s", path, p, strerror(errno));
             if (end) break;
             *q = '/';
         }
@@ -265,6 +271,48 @@ static int open_log(FILE** log, const char* out_dir, int append) {
     return 0;
 }
 
+// a resumed run's arguments: flags given explicitly must agree with the checkpoint ck (at ck_path); the
+// rest come from it
+static int resume_args(TrainArgs* a, int* planned_steps, const Flag* flags, int n_flags, const Checkpoint* ck,
+                       const char* ck_path, const TokenFile* train) {
+    Config k = ck->config;
+#define DIFFERS(flag, field, value) (given(flags, n_flags, flag) && (field) != (value))
+    if (DIFFERS('c', k.cell, cell_from_name(a->cell_name)) || DIFFERS('L', k.n_layers, a->n_layers) ||
+        DIFFERS('E', k.embed_size, a->embed_size) || DIFFERS('H', k.hidden_size, a->hidden_size))
+        return fail("%s holds a %s model with L=%d E=%d H=%d, which does not match the flags given", ck_path,
+                    cell_names[k.cell], k.n_layers, k.embed_size, k.hidden_size);
+#undef DIFFERS
+    if (k.vocab_size != train->vocab_size || memcmp(ck->vocab, train->vocab, 256) != 0)
+        return fail("%s was trained on a vocabulary of %d symbols that differs from %s (%d)", ck_path, k.vocab_size,
+                    a->train_path, train->vocab_size);
+    // the global stream layout (-b is the global batch): any number of ranks that divides B resumes it
+    if (ck->B > 0 && (ck->B != a->B || ck->T != a->T)) {
+        if (given(flags, n_flags, 'b') || given(flags, n_flags, 't'))
+            return fail("%s was trained with -b %d -t %d; resuming needs the same stream layout", ck_path, ck->B,
+                        ck->T);
+        a->B = ck->B; a->T = ck->T;
+    }
+    // so does the carried-state mode, which decides what the data position means
+    if (ck->B > 0 && ck->carry != a->carry) {
+        if (given(flags, n_flags, 'C'))
+            return fail("%s was trained with -C %d; resuming needs the same -C", ck_path, ck->carry);
+        a->carry = ck->carry;
+    }
+    // the options may change what the checkpoint trained with; unsaid, each carries on
+    const TrainOptions* o = &ck->opts;
+    if (!given(flags, n_flags, 'p')) a->dropout = o->dropout;
+    if (!given(flags, n_flags, 'M')) a->precision = o->bf16 ? "bf16" : "fp32";
+    if (!given(flags, n_flags, 'd')) a->masks = o->locked ? "locked" : "step";
+    if (!given(flags, n_flags, 'W')) a->weight_drop = o->weight_drop;
+    if (!given(flags, n_flags, 'D')) a->embed_dropout = o->embed_dropout;
+    // a budget's step count goes on (the cosine schedule depends on it); -n still bounds it
+    if (ck->planned_steps > 0) {
+        *planned_steps = ck->planned_steps;
+        if (!given(flags, n_flags, 'n') || *planned_steps < a->max_steps) a->max_steps = *planned_steps;
+    }
+    return 0;
+}
+
 // -x SECONDS: a wall-clock budget, counted from the start of the process. Once the warmup is over
 // (and at least 10 steps ran) the run has timed its steps, and an evaluation, and fixes the step count
 // so that the cosine schedule ends inside the budget, with 2% and a second to spare; should the machine
@@ -355,7 +403,10 @@ static int train_run(int argc, char** argv, const Backend* be) {
     int n_flags = sizeof(flags) / sizeof(flags[0]);
     int status = parse_flags(flags, n_flags, argc, argv);
     // every rank parses the same flags, so all stop here alike; rank 0 says why
-    if (status) { if (status < 0 && dist.rank == 0) fprintf(stderr, "error: %s\n", pyrnn_last_error()); return status < 0 ? 2 : 0; }
+    if (status) {
+        if (status < 0 && dist.rank == 0) fprintf(stderr, "error: %s\n", pyrnn_last_error());
+        return status < 0 ? 2 : 0;
+    }
     if (check_args(&a)) { if (dist.rank == 0) fprintf(stderr, "error: %s\n", pyrnn_last_error()); return 2; }
 
     TokenFile train = { 0 }, val = { 0 };
@@ -383,39 +434,9 @@ static int train_run(int argc, char** argv, const Backend* be) {
             const char* ck_path = a.resume;
             if (strcmp(a.resume, "latest") == 0) { TRY(resolve_latest(path, sizeof(path), a.out_dir)); ck_path = path; }
             TRY(checkpoint_load(&ck, ck_path));
-            Config k = ck.config;
-            // flags given explicitly must agree with the checkpoint; the rest come from it
-            if ((given(flags, n_flags, 'c') && k.cell != cfg.cell) || (given(flags, n_flags, 'L') && k.n_layers != cfg.n_layers) ||
-                (given(flags, n_flags, 'E') && k.embed_size != cfg.embed_size) || (given(flags, n_flags, 'H') && k.hidden_size != cfg.hidden_size))
-                TRY(fail("%s holds a %s model with L=%d E=%d H=%d, which does not match the flags given", ck_path,
-                         cell_names[k.cell], k.n_layers, k.embed_size, k.hidden_size));
-            if (k.vocab_size != train.vocab_size || memcmp(ck.vocab, train.vocab, 256) != 0)
-                TRY(fail("%s was trained on a vocabulary of %d symbols that differs from %s (%d)", ck_path, k.vocab_size,
-                         a.train_path, train.vocab_size));
-            // the global stream layout (-b is the global batch): any number of ranks that divides B resumes it
-            if (ck.B > 0 && (ck.B != a.B || ck.T != a.T)) {
-                if (given(flags, n_flags, 'b') || given(flags, n_flags, 't'))
-                    TRY(fail("%s was trained with -b %d -t %d; resuming needs the same stream layout", ck_path, ck.B, ck.T));
-                a.B = ck.B; a.T = ck.T;
-            }
-            // so does the carried-state mode, which decides what the data position means
-            if (ck.B > 0 && ck.carry != a.carry) {
-                if (given(flags, n_flags, 'C')) TRY(fail("%s was trained with -C %d; resuming needs the same -C", ck_path, ck.carry));
-                a.carry = ck.carry;
-            }
-            // -p and -M may change what the checkpoint trained with; unsaid, it carries on
-            if (!given(flags, n_flags, 'p')) a.dropout = ck.opts.dropout;
-            if (!given(flags, n_flags, 'M')) a.precision = ck.opts.bf16 ? "bf16" : "fp32";
-            if (!given(flags, n_flags, 'd')) a.masks = ck.opts.locked ? "locked" : "step";
-            if (!given(flags, n_flags, 'W')) a.weight_drop = ck.opts.weight_drop;
-            if (!given(flags, n_flags, 'D')) a.embed_dropout = ck.opts.embed_dropout;
-            // a budget's step count goes on (the cosine schedule depends on it); -n still bounds it
-            if (ck.planned_steps > 0) {
-                planned_steps = ck.planned_steps;
-                if (!given(flags, n_flags, 'n') || planned_steps < a.max_steps) a.max_steps = planned_steps;
-            }
+            TRY(resume_args(&a, &planned_steps, flags, n_flags, &ck, ck_path, &train));
             TRY(check_args(&a));   // what came from the file obeys the same limits as flags
-            cfg = k;
+            cfg = ck.config;
             start_step = ck.step;
             printf("resuming from %s at step %d\n", ck_path, ck.step);
         }
@@ -431,7 +452,8 @@ static int train_run(int argc, char** argv, const Backend* be) {
         TRY(lead ? open_log(&log, a.out_dir, a.resume[0] != 0) : 0);   // rank 0 alone writes the log and checkpoints
 
         // h, c: this rank's carried state (L, B/R, H); h_all, c_all on rank 0: every stream's, for checkpoints
-        size_t P = model_num_params(cfg), lbh = (size_t)cfg.n_layers * local_B * cfg.hidden_size, bt = (size_t)a.B * a.T;
+        size_t P = model_num_params(cfg), lbh = (size_t)cfg.n_layers * local_B * cfg.hidden_size;
+        size_t bt = (size_t)a.B * a.T;
         params = (float*)alloc_floats(P); m = (float*)alloc_floats(P); v = (float*)alloc_floats(P);
         h = (float*)alloc_floats(lbh); c = (float*)alloc_floats(lbh);
         if (lead) { h_all = (float*)alloc_floats(lbh * dist.size); c_all = (float*)alloc_floats(lbh * dist.size); }
@@ -461,8 +483,10 @@ static int train_run(int argc, char** argv, const Backend* be) {
         printf("pyrnn %s | %s L=%d E=%d H=%d V=%d | %.2fM params | B=%d T=%d | lr %g wd %g clip %g | threads %d | %s\n",
                be->name, cell_names[cfg.cell], cfg.n_layers, cfg.embed_size, cfg.hidden_size, cfg.vocab_size, P / 1e6,
                a.B, a.T, a.lr, a.weight_decay, a.grad_clip, omp_get_max_threads(), be->about(run));
-        if (dist.size > 1) printf("%d ranks, %d streams and %d threads each\n", dist.size, local_B, omp_get_max_threads());
-        printf("train %zu tokens (%ld batches per pass), val %zu tokens\n", train.n_tokens, loader.n_batches, val.n_tokens);
+        if (dist.size > 1)
+            printf("%d ranks, %d streams and %d threads each\n", dist.size, local_B, omp_get_max_threads());
+        printf("train %zu tokens (%ld batches per pass), val %zu tokens\n", train.n_tokens, loader.n_batches,
+               val.n_tokens);
 
         CkptKeeper keeper;
         memset(&keeper, 0, sizeof(keeper));
@@ -490,21 +514,24 @@ static int train_run(int argc, char** argv, const Backend* be) {
                 SAME(fail("the %s backend does not average its gradients over ranks: run it as one process", be->name));
             if (!isfinite(loss) || !isfinite(norm)) {
                 if (!skip) {
-                    fail("step %d: the %s is %s; stopping (the last checkpoint in %s is intact; -N skip skips such steps)",
-                         step + 1, isfinite(loss) ? "gradient norm" : "loss", isnan(isfinite(loss) ? norm : loss) ? "NaN" : "Inf",
-                         a.out_dir);
+                    const char* what = isfinite(loss) ? "gradient norm" : "loss";
+                    fail("step %d: the %s is %s; stopping (the last checkpoint in %s is intact; -N skip skips such "
+                         "steps)", step + 1, what, isnan(isfinite(loss) ? norm : loss) ? "NaN" : "Inf", a.out_dir);
                     goto error;
                 }
                 // the end-of-step work below (eval, sample, checkpoint) still happens on schedule
-                printf("step %d: non-finite %s, update skipped and state reset\n", step + 1, isfinite(loss) ? "gradient" : "loss");
+                printf("step %d: non-finite %s, update skipped and state reset\n", step + 1,
+                       isfinite(loss) ? "gradient" : "loss");
                 TRY(be->set_state(run, NULL, NULL));
             } else {
                 char comm[64] = "";
                 if (dist.size > 1) snprintf(comm, sizeof(comm), " (all-reduce %.1f)", comm_ms);
-                printf("step %5d/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms%s | %.0f tok/s\n", step + 1, a.max_steps,
-                       loss, norm, sp.lr, ms, comm, bt / (ms / 1e3));
-                if (log) fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"grad_norm\": %.6f, \"lr\": %.6g, \"ms\": %.3f, "
-                                 "\"comm_ms\": %.3f, \"tok_s\": %.1f}\n", step + 1, loss, norm, sp.lr, ms, comm_ms, bt / (ms / 1e3));
+                printf("step %5d/%d | loss %.4f | norm %.3f | lr %.2e | %.1f ms%s | %.0f tok/s\n", step + 1,
+                       a.max_steps, loss, norm, sp.lr, ms, comm, bt / (ms / 1e3));
+                if (log)
+                    fprintf(log, "{\"step\": %d, \"train_loss\": %.6f, \"grad_norm\": %.6f, \"lr\": %.6g, "
+                            "\"ms\": %.3f, \"comm_ms\": %.3f, \"tok_s\": %.1f}\n", step + 1, loss, norm, sp.lr, ms,
+                            comm_ms, bt / (ms / 1e3));
             }
             if (budget.budget_ms > 0.0 && budget.plan_after < 0 && step + 1 < a.max_steps &&
                 rank0_decides(now_ms() - budget.start_ms + budget_tail_ms(&budget) > budget.budget_ms)) {
@@ -541,7 +568,8 @@ static int train_run(int argc, char** argv, const Backend* be) {
                 TRY(be->get_state(run, h, c));
                 // the replicas must hold the same bits, or rank 0's alone would hide the others' drift
                 if (dist.size > 1 && !dist_same(crc32_update(0, (const unsigned char*)params, P * sizeof(float))))
-                    SAME(fail("step %d: the ranks' parameters differ (every rank must run the same build with the same -P); "
+                    SAME(fail("step %d: the ranks' parameters differ (every rank must run the same build with the "
+                              "same -P); "
                               "stopping without saving (the last checkpoint in %s is intact)", step + 1, a.out_dir));
                 dist_gather_streams(h_all, h, cfg.n_layers, local_B, cfg.hidden_size);
                 dist_gather_streams(c_all, c, cfg.n_layers, local_B, cfg.hidden_size);
@@ -555,7 +583,8 @@ static int train_run(int argc, char** argv, const Backend* be) {
                 budget.ckpt_ms = now_ms() - k0;
             }
         }
-        if (start_step >= a.max_steps) printf("checkpoint is at step %d, -n is %d: nothing to train\n", start_step, a.max_steps);
+        if (start_step >= a.max_steps)
+            printf("checkpoint is at step %d, -n is %d: nothing to train\n", start_step, a.max_steps);
         if (isfinite(val_loss)) printf("final val loss %.4f\n", val_loss);
         exit_code = 0;
     }

@@ -98,8 +98,10 @@ static int tokens_parse(TokenFile* f, const char* path) {
     int32_t magic, version, vocab_size;
     int64_t n;
     memcpy(&magic, h, 4); memcpy(&version, h + 4, 4); memcpy(&vocab_size, h + 8, 4); memcpy(&n, h + 16, 8);
-    if (magic != TOKENS_MAGIC) return fail("%s: not a pyrnn token file (bad magic; make one with `python -m pyrnn prepare`)", path);
-    if (version != TOKENS_VERSION) return fail("%s: token file version %d, this build reads version %d", path, version, TOKENS_VERSION);
+    if (magic != TOKENS_MAGIC)
+        return fail("%s: not a pyrnn token file (bad magic; make one with `python -m pyrnn prepare`)", path);
+    if (version != TOKENS_VERSION)
+        return fail("%s: token file version %d, this build reads version %d", path, version, TOKENS_VERSION);
     if (vocab_size < 1 || vocab_size > 256) return fail("%s: vocabulary size %d is outside 1..256", path, vocab_size);
     if (n < 0 || (uint64_t)n != f->blob.size - TOKENS_HEADER)
         return fail("%s: header says %lld tokens but the file holds %zu (truncated or corrupted)", path, (long long)n,
@@ -110,7 +112,8 @@ static int tokens_parse(TokenFile* f, const char* path) {
     f->n_tokens = (size_t)n;
     for (size_t i = 0; i < f->n_tokens; i++)
         if (f->tokens[i] >= vocab_size)
-            return fail("%s: token %d at position %zu is outside the vocabulary [0, %d)", path, f->tokens[i], i, vocab_size);
+            return fail("%s: token %d at position %zu is outside the vocabulary [0, %d)", path, f->tokens[i], i,
+                        vocab_size);
     return 0;
 }
 
@@ -139,8 +142,8 @@ int loader_init(DataLoader* d, const TokenFile* f, int B, int T, const char* wha
     d->tokens = f->tokens; d->B = B; d->T = T;
     d->n_batches = f->n_tokens > 0 ? (long)((f->n_tokens - 1) / ((size_t)B * T)) : 0;
     if (d->n_batches < 1)
-        return fail("%s split has %zu tokens, too few for one batch of B=%d x T=%d (needs %zu)", what, f->n_tokens, B, T,
-                    (size_t)B * T + 1);
+        return fail("%s split has %zu tokens, too few for one batch of B=%d x T=%d (needs %zu)", what, f->n_tokens,
+                    B, T, (size_t)B * T + 1);
     d->stream_len = (size_t)d->n_batches * T;
     return 0;
 }

@@ -239,7 +239,8 @@ static int stack_reserve(Stack* s, int B, int T) {
         s->max_bt = s->max_b = 0;   // recorded only once everything below succeeded
         if (!s->acts_memory) return fail("out of memory for activations (B=%d T=%d)", B, T);
         free(s->w_packed);
-        size_t fwd = packed_b_size(s->mm->k, H, (int)GH), bwd = packed_b_size(s->mm->k, (int)GH, H);   // W_hh^T, then W_hh
+        // W_hh^T (forward), then W_hh (backward)
+        size_t fwd = packed_b_size(s->mm->k, H, (int)GH), bwd = packed_b_size(s->mm->k, (int)GH, H);
         s->w_packed = (float*)alloc_floats(fwd > bwd ? fwd : bwd);
         if (!s->w_packed) return fail("out of memory for packed weights");
         free(s->token_slot);
@@ -258,7 +259,8 @@ static int stack_reserve(Stack* s, int B, int T) {
     float* p = s->acts_memory;
     for (int i = 0; i < N_PARTS; i++) { parts[i] = p; p += (sizes[i] + 15) / 16 * 16; }
     float *h = parts[0], *c = parts[1], *gates = parts[2], *hn = parts[3], *xin = parts[4], *mask = parts[5];
-    s->gh = parts[6]; s->dgates = parts[7]; s->dgates_h = parts[8]; s->dy = parts[9]; s->dh = parts[10]; s->dc = parts[11];
+    s->gh = parts[6]; s->dgates = parts[7]; s->dgates_h = parts[8]; s->dy = parts[9];
+    s->dh = parts[10]; s->dc = parts[11];
     s->proj = parts[12]; s->dproj = parts[13]; s->table_seen = parts[14]; s->bias_sums = parts[15];
     for (int l = 0; l < L; l++) {
         s->h[l] = h + (size_t)l * (bt + B) * H;
@@ -300,7 +302,8 @@ static void input_projection_lookup_backward(Stack* s) {
             for (int j = 0; j < w; j++) dst[j] += src[j];
         }
     }
-    for (int i = 0; i < n; i++) memcpy(s->table_seen + (size_t)i * E, s->table + (size_t)s->seen[i] * E, E * sizeof(float));
+    for (int i = 0; i < n; i++)
+        memcpy(s->table_seen + (size_t)i * E, s->table + (size_t)s->seen[i] * E, E * sizeof(float));
     matmul(s->mm, s->dw_ih[0], s->dproj, 1, GH, s->table_seen, E, 1, GH, E, n, 1);
     matmul(s->mm, s->table_seen, s->dproj, GH, 1, s->w_ih[0], E, 1, n, E, GH, 0);
     for (int i = 0; i < n; i++) {   // a dropped embedding row's gradient goes through its scale
@@ -337,7 +340,8 @@ static void project_inputs_forward(Stack* s, int l, int per_step, ProjPhase phas
 }
 
 // dxin receives dL/dx (step by step into dy's rows of step t, already read, when dxin is dy)
-static void project_inputs_backward(Stack* s, int l, int per_step, float* dxin, ProjPhase phase, int t, int b0, int b1) {
+static void project_inputs_backward(Stack* s, int l, int per_step, float* dxin, ProjPhase phase, int t, int b0,
+                                    int b1) {
     int B = s->B, GH = cell_gates(s->cell) * s->hidden_size, in = l == 0 ? s->input_size : s->hidden_size;
     long bt = (long)B * s->T;
     int lookup = looks_up(s, l);
@@ -614,7 +618,8 @@ int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float*
     if (batch_shape_check(B, T)) return -1;
     if (lengths) {
         for (int b = 0; b < B; b++)
-            if (lengths[b] < 1 || lengths[b] > T) return fail("length %d of sequence %d is outside [1, %d]", lengths[b], b, T);
+            if (lengths[b] < 1 || lengths[b] > T)
+                return fail("length %d of sequence %d is outside [1, %d]", lengths[b], b, T);
         if ((size_t)B > m->lengths_cap) {
             free(m->lengths);
             m->lengths = (int*)malloc((size_t)B * sizeof(int));
@@ -708,7 +713,11 @@ Model* model_new(Config c) {
     m->num_params = model_num_params(c);
     m->params = (float*)alloc_floats(m->num_params);
     m->grads = (float*)alloc_floats(m->num_params);
-    if (!m->params || !m->grads) { fail("out of memory for %zu parameters", m->num_params); model_free(m); return NULL; }
+    if (!m->params || !m->grads) {
+        fail("out of memory for %zu parameters", m->num_params);
+        model_free(m);
+        return NULL;
+    }
     if (matmul_init(&m->mm)) { model_free(m); return NULL; }
     // the layout's offsets (common.h): embedding, the stack from rnn.weight_ih_l0 on, head
     size_t off[4], numel;
@@ -716,7 +725,8 @@ Model* model_new(Config c) {
     char name[64];
     for (int i = 0; i < 4; i++) model_tensor_info(&c, where[i], name, sizeof(name), &off[i], &numel);
     m->emb = m->params + off[0]; m->demb = m->grads + off[0];
-    if (!stack_init(&m->rnn, c.cell, c.embed_size, c.hidden_size, c.n_layers, 1, m->params + off[1], m->grads + off[1])) {
+    if (!stack_init(&m->rnn, c.cell, c.embed_size, c.hidden_size, c.n_layers, 1, m->params + off[1],
+                    m->grads + off[1])) {
         model_free(m);
         return NULL;
     }
@@ -772,7 +782,8 @@ static int model_reserve(Model* m, int B, int T) {
         m->inputs = (int*)malloc(bt * sizeof(int));
         m->targets = (int*)malloc(bt * sizeof(int));
         m->max_bt = m->max_b = 0;
-        if (!m->acts_memory || !m->inputs || !m->targets) return fail("out of memory for activations (B=%d T=%d)", B, T);
+        if (!m->acts_memory || !m->inputs || !m->targets)
+            return fail("out of memory for activations (B=%d T=%d)", B, T);
         m->max_bt = bt; m->max_b = B;
     }
     size_t shapes[] = { H, V, bt, H, V, H };   // op(B) of h W^T, dlogits^T h, dlogits W
@@ -947,7 +958,8 @@ static int sample_from_logits(const float* logits, int V, float temperature, int
 }
 
 // out receives n tokens drawn after the prime (n_prime >= 1); temperature <= 0 means argmax
-int model_sample(Model* m, int* out, const int* prime, int n_prime, int n, float temperature, int top_k, uint64_t seed) {
+int model_sample(Model* m, int* out, const int* prime, int n_prime, int n, float temperature, int top_k,
+                 uint64_t seed) {
     if (n_prime < 1) return fail("sampling needs a prime of at least one token");
     int training = m->rnn.training;
     model_set_training(m, 0, m->dropout);
@@ -999,7 +1011,11 @@ static void* cpu_create(Config c, int B, int T, const TrainOptions* opts) {
     r->h = (float*)alloc_floats(lbh);
     r->c = (float*)alloc_floats(lbh);
     r->B = B; r->T = T;
-    if (!r->m || !r->h || !r->c || model_adam_alloc(r->m)) { if (r->m) fail("out of memory"); cpu_destroy(r); return NULL; }
+    if (!r->m || !r->h || !r->c || model_adam_alloc(r->m)) {
+        if (r->m) fail("out of memory");
+        cpu_destroy(r);
+        return NULL;
+    }
     model_set_training(r->m, 1, opts->dropout);   // the dropout generator's state arrives with set_params or init
     model_set_regularisers(r->m, opts->locked, opts->weight_drop, opts->embed_dropout);
     model_set_bf16(r->m, opts->bf16);

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pyrnn
-from pyrnn import data, oracle
+from pyrnn import data
 
 CELLS = ('rnn', 'rnn_relu', 'lstm', 'gru')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,6 +1,5 @@
 """Training end to end: data files, train_cpu's resume determinism, checkpoints shared with Python,
 sampling, the Python trainer and PyTorch round trips."""
-import hashlib
 import json
 import os
 import subprocess
