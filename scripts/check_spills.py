@@ -8,9 +8,9 @@ sigmoid once kept them all scalar).
 x86-64 is the default build, which holds every x86 kernel set (c/isa.h: sse2, avx2, avx512,
 avx512bf16); x86-64-v3, x86-64-v4 and aarch64 are one-CPU builds, whose set is named `one`. Each set's
 functions carry its name as a suffix (c/kernels.h): the tiles tile_rowmajor, tile_transposed (which
-the emulated bf16 GEMM runs too) and, with native bf16, tile_bf16_rows are noinline, and so are the cell wrappers (rnn_forward, ..., gru_backward), into
-which cells.h's loops are inlined (gcc may add .constprop.N / .isra.N suffixes). A loop is a label
-that a later branch of the same function jumps back to; an innermost loop holds no other loop. A
+the emulated bf16 GEMM runs too) and, with native bf16, tile_bf16_rows are noinline, and so are the
+cell wrappers (rnn_forward, ..., gru_backward), into which cells.h's loops are inlined (gcc may add
+.constprop.N / .isra.N suffixes). A loop is a label that a later branch of the same function jumps back to; an innermost loop holds no other loop. A
 tile's loops are the innermost ones with a multiply-add (FMA, or multiply on SSE2, or VDPBF16PS):
 the edge-tile stores around them may use the stack by design. Stack references are (%rsp), (%rbp)
 when it is the frame pointer, push and pop on x86; [sp and [x29 (when it is the frame pointer) on
@@ -36,7 +36,8 @@ TARGETS = {
     'x86-64-v4': ('x86', 'cc', ['-march=x86-64-v4', '-DPYRNN_ONE_ISA'], {'one': 64}),
     'aarch64': ('arm', 'aarch64_cc', ['-march=armv8-a'], {'one': 16}),
 }
-MAC = {'x86': re.compile(r'^(v?f(n)?m(add|sub)|v?mulps|vdpbf16ps)'), 'arm': re.compile(r'^(fmla|fmls|fmadd|fmsub|fmul)(\.|$)')}
+MAC = {'x86': re.compile(r'^(v?f(n)?m(add|sub)|v?mulps|vdpbf16ps)'),
+       'arm': re.compile(r'^(fmla|fmls|fmadd|fmsub|fmul)(\.|$)')}
 BRANCH = {'x86': re.compile(r'^j[a-z]+$'), 'arm': re.compile(r'^(b|b\.?[a-z]{2}|cbn?z|tbn?z)$')}
 STACK = {'x86': re.compile(r'\(%rsp[,)]'), 'arm': re.compile(r'\[sp[\],]')}
 FRAME = {'x86': re.compile(r'\(%rbp[,)]'), 'arm': re.compile(r'\[x29[\],]')}
