@@ -5,17 +5,18 @@ sigmoid once kept them all scalar).
 
     python scripts/check_spills.py [x86-64 x86-64-v3 x86-64-v4 aarch64] [--cc cc] [--aarch64-cc aarch64-linux-gnu-gcc]
 
-x86-64 is the default build, which holds every x86 kernel set (c/isa.h: sse2, avx2, avx512,
-avx512bf16); x86-64-v3, x86-64-v4 and aarch64 are one-CPU builds, whose set is named `one`. Each set's
-functions carry its name as a suffix (c/kernels.h): the tiles tile_rowmajor, tile_transposed (which
-the emulated bf16 GEMM runs too) and, with native bf16, tile_bf16_rows are noinline, and so are the
-cell wrappers (rnn_forward, ..., gru_backward), into which cells.h's loops are inlined (gcc may add
-.constprop.N / .isra.N suffixes). A loop is a label that a later branch of the same function jumps
-back to; an innermost loop holds no other loop. A tile's loops are the innermost ones with a multiply-add (FMA, or multiply on SSE2, or VDPBF16PS):
-the edge-tile stores around them may use the stack by design. Stack references are (%rsp), (%rbp)
-when it is the frame pointer, push and pop on x86; [sp and [x29 (when it is the frame pointer) on
-aarch64. A gate loop is vectorized at full width when an innermost loop of the cell's function
-works on registers of that width (xmm 16, ymm 32, zmm 64 bytes; NEON's 16-byte v registers).
+x86-64 is the default build, which holds every x86 kernel set (c/isa.h: sse2, avx2, avx512, avx512bf16);
+x86-64-v3, x86-64-v4 and aarch64 are one-CPU builds, whose set is named `one`. Each set's functions
+carry its name as a suffix (c/kernels.h): the tiles tile_rowmajor, tile_transposed (which the emulated
+bf16 GEMM runs too) and, with native bf16, tile_bf16_rows are noinline, and so are the cell wrappers
+(rnn_forward, ..., gru_backward), into which cells.h's loops are inlined (gcc may add .constprop.N /
+.isra.N suffixes). A loop is a label that a later branch of the same function jumps back to; an
+innermost loop holds no other loop. A tile's loops are the innermost ones with a multiply-add (FMA, or
+multiply on SSE2, or VDPBF16PS): the edge-tile stores around them may use the stack by design. Stack
+references are (%rsp), (%rbp) when it is the frame pointer, push and pop on x86; [sp and [x29 (when it
+is the frame pointer) on aarch64. A gate loop is vectorized at full width when an innermost loop of the
+cell's function works on registers of that width (xmm 16, ymm 32, zmm 64 bytes; NEON's 16-byte v
+registers).
 """
 import argparse
 import os
