@@ -416,7 +416,7 @@ QEMU_AARCH64 ?= qemu-aarch64 -L $(AARCH64_SYSROOT)
 SPILL_TARGETS ?= x86-64 x86-64-v3 x86-64-v4 aarch64
 ISA_RUN = $(SUITE_ENV) QEMU_AARCH64="$(QEMU_AARCH64)" scripts/test_isa.sh $(ISA_DIR) $(ISA_PY_ARCH)
 
-.PHONY: test_isa test_isa_py check_spills aarch64_deps
+.PHONY: test_isa test_isa_py test_wheel check_spills aarch64_deps
 
 # each build for its own -march (native: this machine, when the compiler takes it; any: every CPU;
 # pairs: any, with a stand-in kernel set that checks the native bf16 path without VDPBF16PS)
@@ -446,6 +446,10 @@ test_isa: refs
 
 test_isa_py: $(ISA_PY)
 	$(ISA_RUN)
+
+# the wheel from `pip wheel .` on this CPU and, under qemu, on an AVX2 and an SSE4.2 one (scripts/test_wheel.sh)
+test_wheel:
+	$(SUITE_ENV) scripts/test_wheel.sh build/wheel
 
 check_spills:
 	$(PYTHON) scripts/check_spills.py --cc "$(CC)" --aarch64-cc $(AARCH64_CC) --out-dir $(ISA_DIR)/asm $(SPILL_TARGETS)
