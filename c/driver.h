@@ -545,7 +545,9 @@ static int train_run(int argc, char** argv, const Backend* be) {
                 SAME(evaluate(&val_loss, be, run, &val, a.B, a.T, local_B, inputs, targets, h, c, lbh));
                 budget.eval_ms = now_ms() - e0;
                 printf("step %5d | val loss %.4f\n", step + 1, val_loss);
-                if (log) fprintf(log, "{\"step\": %d, \"val_loss\": %.6f}\n", step + 1, val_loss);
+                if (log)   // with the wall time since the process started, for loss-against-time curves
+                    fprintf(log, "{\"step\": %d, \"val_loss\": %.6f, \"elapsed_s\": %.1f}\n", step + 1, val_loss,
+                            (now_ms() - process_start_ms) / 1e3);
             }
             if (plan) {
                 a.max_steps = planned_steps = budget_plan(&budget, &a, have_val, step + 1, a.max_steps);
