@@ -122,13 +122,14 @@ typedef struct {
 } Stack;
 
 // points layer l's tensors, in torch's order (weight_ih, weight_hh, bias_ih, bias_hh), at param[k] and
-// grad[k]; a NULL bias (as in a stack without biases) reads zeros and writes to scratch
+// grad[k] (param or grad NULL: those stay as they are); a NULL bias (as in a stack without biases)
+// reads zeros and writes to scratch
 static void stack_point_layer(Stack* s, int l, float* const* param, float* const* grad) {
     float** param_tables[N_KINDS] = { s->w_ih, s->w_hh, s->b_ih, s->b_hh };
     float** grad_tables[N_KINDS] = { s->dw_ih, s->dw_hh, s->db_ih, s->db_hh };
     for (int k = 0; k < N_KINDS; k++) {
-        param_tables[k][l] = param[k] ? param[k] : s->zero_bias;
-        grad_tables[k][l] = grad[k] ? grad[k] : s->zero_bias_grad;
+        if (param) param_tables[k][l] = param[k] ? param[k] : s->zero_bias;
+        if (grad) grad_tables[k][l] = grad[k] ? grad[k] : s->zero_bias_grad;
     }
 }
 
@@ -536,11 +537,12 @@ Layer* layer_new(int cell, int input_size, int hidden_size, int n_layers, int ha
 
 // The layer computes with tensors the caller owns from now on (pyrnn.torch: a torch module's parameters
 // and the gradients autograd receives): params and grads hold N_KINDS pointers per layer in torch's order,
-// NULL for the biases of a layer without; params == NULL goes back to the layer's own buffers. Nothing is
-// copied or cached: each pass reads the weights where they are, and backward accumulates into grads.
+// NULL for the biases of a layer without; params or grads NULL: the layer's own buffers. Nothing is copied
+// or cached: each pass reads the weights where they are, and backward accumulates into grads.
 void layer_bind(Layer* m, float* const* params, float* const* grads) {
-    if (!params) { stack_point(&m->s, m->params, m->grads); return; }
-    for (int l = 0; l < m->s.n_layers; l++) stack_point_layer(&m->s, l, params + l * N_KINDS, grads + l * N_KINDS);
+    stack_point(&m->s, m->params, m->grads);
+    for (int l = 0; l < m->s.n_layers; l++)
+        stack_point_layer(&m->s, l, params ? params + l * N_KINDS : NULL, grads ? grads + l * N_KINDS : NULL);
 }
 
 // bf16 (1) or fp32 (0) GEMM operands from the next forward on
