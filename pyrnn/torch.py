@@ -51,7 +51,8 @@ _CELLS = {'RNN_TANH': 'rnn', 'RNN_RELU': 'rnn_relu', 'LSTM': 'lstm', 'GRU': 'gru
 # ----------------------------------------------------------------------------- C Layers
 
 class _Layer:
-    """One C Layer, and the forward whose activations it holds (holder: a _Lease, or None)."""
+    """One C Layer, and the forward whose activations it holds (holder: that _Lease's token, or None; a
+    token, not the lease, so that no cycle keeps a lease from being freed with its graph)."""
 
     def __init__(self, ffi, lib, cell, input_size, hidden_size, bias):
         ptr = lib.layer_new(oracle.cell_id(cell), input_size, hidden_size, 1, int(bias))
@@ -80,7 +81,7 @@ class _Pool:
     def reclaim(self, lease):
         """lease's Layer if it still holds lease's forward (then out of the idle list), else None."""
         layer = lease.layer
-        if layer is None or layer.holder is not lease:
+        if layer is None or layer.holder is not lease.token:
             return None
         if layer.idle:
             self.idle.remove(layer)
@@ -94,11 +95,15 @@ class _Lease:
     the holder, so a second backward (retain_graph) finds it unless a forward took it meanwhile."""
 
     def __init__(self, pool):
-        self.pool, self.layer = pool, None
+        self.pool, self.layer, self.token = pool, None, object()
+
+    def take(self):
+        self.layer = self.pool.take(self.token)
+        return self.layer
 
     def __del__(self):
         layer = self.layer
-        if layer is not None and layer.holder is self:
+        if layer is not None and layer.holder is self.token:
             layer.holder = None
             self.pool.give(layer)
 
@@ -156,8 +161,7 @@ class _LayerFunction(torch.autograd.Function):
         ffi, lib = load()
         lib.pyrnn_set_num_threads(torch.get_num_threads())
         lease = _Lease(pool)
-        lease.layer = pool.take(lease)
-        out, h_n, c_n = _forward(ffi, lib, lease.layer, *_contiguous(x, h0, c0), lengths, _contiguous(*weights), lstm)
+        out, h_n, c_n = _forward(ffi, lib, lease.take(), *_contiguous(x, h0, c0), lengths, _contiguous(*weights), lstm)
         if any(ctx.needs_input_grad):
             ctx.lease, ctx.lstm, ctx.lengths = lease, lstm, lengths
             ctx.save_for_backward(x, h0, c0, *weights)
@@ -176,7 +180,7 @@ class _LayerFunction(torch.autograd.Function):
         pool = lease.pool
         layer = pool.reclaim(lease)
         if layer is None:   # taken by a later forward since: run this one again
-            layer = lease.layer = pool.take(lease)
+            layer = lease.take()
             _forward(ffi, lib, layer, x, h0, c0, ctx.lengths, weights, ctx.lstm)
         try:
             grads = [torch.zeros_like(w) for w in weights]   # C accumulates
