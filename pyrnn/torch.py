@@ -287,7 +287,8 @@ class _Accelerated:
             inp = torch.cat(outs, 2) if D == 2 else outs[0]
             if self.dropout > 0 and self.training and l < L - 1:
                 inp = F.dropout(inp, self.dropout, True)
-        return inp, torch.stack(hs), torch.stack(cs) if lstm else None
+        join = (lambda ts: ts[0].unsqueeze(0)) if L * D == 1 else torch.stack   # a view where one will do
+        return inp, join(hs), join(cs) if lstm else None
 
     def _served(self, input, hx):
         """Whether the C kernels compute this call: float32 CPU tensors of the shapes torch expects
