@@ -310,6 +310,12 @@ def test_interleaved_forwards_and_retain_graph():
     for g, e in zip(got + [again], expected + expected[1:]):
         for a, b in zip(g, e):
             close('interleaved / retained backward', a, b)
+    # a kept graph whose Layer a later forward took: its second backward runs its forward again
+    loss = ours(xs[0])[0].square().sum()
+    torch.autograd.grad(loss, list(ours.parameters()), retain_graph=True)
+    ours(xs[1])[0].sum().backward()
+    for a, b in zip(torch.autograd.grad(loss, list(ours.parameters())), expected[0]):
+        close('backward after its Layer was reused', a, b)
 
 
 def test_layers_are_reused():
@@ -318,6 +324,8 @@ def test_layers_are_reused():
     for _ in range(3):
         ours(x)[0].sum().backward()
     with torch.no_grad():
+        ours(x)
+    with torch.inference_mode():
         ours(x)
     pools = pt._POOLS[ours]
     assert sum(len(p.idle) for p in pools.values()) == 4   # one per layer and direction
