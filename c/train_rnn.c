@@ -152,6 +152,34 @@ static void stack_tables(float*** out[N_STACK_TABLES], Stack* s) {
     memcpy(out, all, sizeof(all));
 }
 
+// points layer l's tensors, in torch's order (weight_ih, weight_hh, bias_ih, bias_hh), at param[k] and
+// grad[k] (param or grad NULL: those stay as they are); a NULL bias (as in a stack without biases)
+// reads zeros and writes to scratch
+static void stack_point_layer(Stack* s, int l, float* const* param, float* const* grad) {
+    float** param_tables[N_KINDS] = { s->w_ih, s->w_hh, s->b_ih, s->b_hh };
+    float** grad_tables[N_KINDS] = { s->dw_ih, s->dw_hh, s->db_ih, s->db_hh };
+    for (int k = 0; k < N_KINDS; k++) {
+        if (param) param_tables[k][l] = param[k] ? param[k] : s->zero_bias;
+        if (grad) grad_tables[k][l] = grad[k] ? grad[k] : s->zero_bias_grad;
+    }
+}
+
+// points every layer into flat params / grads, one walk over the layout of common.h; returns the floats used
+static size_t stack_point(Stack* s, float* params, float* grads) {
+    size_t off = 0;
+    for (int l = 0; l < s->n_layers; l++) {
+        float *param[N_KINDS], *grad[N_KINDS];
+        for (int k = 0; k < N_KINDS; k++) {
+            size_t n = stack_tensor_numel(s->cell, s->input_size, s->hidden_size, s->has_bias, l, k);
+            param[k] = n ? params + off : NULL;
+            grad[k] = n ? grads + off : NULL;
+            off += n;
+        }
+        stack_point_layer(s, l, param, grad);
+    }
+    return off;
+}
+
 // points the stack's tables into params / grads; returns the number of floats used, or 0 on error
 static size_t stack_init(Stack* s, int cell, int input_size, int hidden_size, int n_layers, int has_bias,
                          float* params, float* grads) {
@@ -169,18 +197,7 @@ static size_t stack_init(Stack* s, int cell, int input_size, int hidden_size, in
     s->zero_bias = (float*)alloc_floats(GH);
     s->zero_bias_grad = (float*)alloc_floats(GH);
     if (!s->zero_bias || !s->zero_bias_grad) { fail("out of memory"); return 0; }
-    // one walk over the layout of common.h; a stack without biases reads zeros in their place
-    float** param_tables[N_KINDS] = { s->w_ih, s->w_hh, s->b_ih, s->b_hh };
-    float** grad_tables[N_KINDS] = { s->dw_ih, s->dw_hh, s->db_ih, s->db_hh };
-    size_t off = 0;
-    for (int l = 0; l < L; l++)
-        for (int k = 0; k < N_KINDS; k++) {
-            size_t n = stack_tensor_numel(cell, input_size, hidden_size, has_bias, l, k);
-            param_tables[k][l] = n ? params + off : s->zero_bias;
-            grad_tables[k][l] = n ? grads + off : s->zero_bias_grad;
-            off += n;
-        }
-    return off;
+    return stack_point(s, params, grads);
 }
 
 // A batch of at least V rows looks layer 0's projection up by token (a V-row GEMM); fewer rows, as
@@ -597,6 +614,16 @@ Layer* layer_new(int cell, int input_size, int hidden_size, int n_layers, int ha
     }
     m->s.mm = &m->mm;
     return m;
+}
+
+// The layer computes with tensors the caller owns from now on (pyrnn.torch: a torch module's parameters
+// and the gradients autograd receives): params and grads hold N_KINDS pointers per layer in torch's order,
+// NULL for the biases of a layer without; params or grads NULL: the layer's own buffers. Nothing is copied
+// or cached: each pass reads the weights where they are, and backward accumulates into grads.
+void layer_bind(Layer* m, float* const* params, float* const* grads) {
+    stack_point(&m->s, m->params, m->grads);
+    for (int l = 0; l < m->s.n_layers; l++)
+        stack_point_layer(&m->s, l, params ? params + l * N_KINDS : NULL, grads ? grads + l * N_KINDS : NULL);
 }
 
 // bf16 (1) or fp32 (0) GEMM operands from the next forward on

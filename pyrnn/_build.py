@@ -67,6 +67,7 @@ int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float*
 int layer_backward_api(Layer* m, float* dx, float* dh0, float* dc0, const float* dout,
                        const float* dh_n, const float* dc_n);
 void layer_zero_grad(Layer* m);
+void layer_bind(Layer* m, float* const* params, float* const* grads);   /* tensors the caller owns */
 void layer_free(Layer* m);
 uint64_t pyrnn_dropout_state(uint64_t seed);
 uint64_t pyrnn_dropout_key(uint64_t* rng);

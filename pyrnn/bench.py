@@ -3,6 +3,7 @@ measured back to back in one run on the same machine and thread count.
 
     python -m pyrnn bench [--threads 2] [--configs small medium large] [--isa avx2] [--out bench.json]
     python -m pyrnn bench --layer          # the layer API: pyrnn.LSTM against torch.nn.LSTM
+    python -m pyrnn bench --torch-module   # a torch training step: torch.nn.LSTM / GRU against pyrnn.torch's
 
 Each implementation runs in its own process, so peak resident memory is its own, and the processes
 take turns: several rounds of a few steps each (the machine drifts within seconds). tokens/s is the
@@ -15,6 +16,12 @@ is reported beside it.
 --layer times the layer API instead: forward and backward of pyrnn.LSTM (I=128, H=256, L=2, B=32,
 T=64, one and two directions; the gradient of the input included) against torch.nn.LSTM with
 autograd, given the same output gradient.
+
+--torch-module times one torch training step of a char LM (Embedding, LSTM or GRU, Linear head,
+cross-entropy, backward, clip_grad_norm_, AdamW; torch's code throughout) with torch.nn.LSTM / GRU
+("torch") against the same loop after pyrnn.torch.accelerate ("pyrnn": the recurrent layers on
+pyrnn's C kernels, the rest on torch), on medium LSTM, medium GRU and small GRU (--configs and
+--cells choose others); x torch is then the speed-up a torch user gets.
 
 The run names the CPU model and the instruction set each side uses: the kernels the C extension was
 built for (pyrnn.isa()), torch's CPU capability and OpenBLAS's core. --isa avx2 holds both sides to
@@ -42,6 +49,8 @@ CONFIGS = {   # name: (E, H, L, B, T, cells)
     "large": (256, 512, 2, 64, 128, ("lstm",)),
 }
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+TORCH_MODULE_RUNS = (("medium", "lstm"), ("medium", "gru"), ("small", "gru"))   # --torch-module's default
+C_IMPLS = ("c", "pyrnn")   # the implementations that run pyrnn's C extension (--isa builds it for them)
 LAYER_CONFIGS = {   # name: (I, H, L, B, T, directions)
     "layer": (128, 256, 2, 32, 64, 1),
     "layer_bi": (128, 256, 2, 32, 64, 2),
@@ -127,17 +136,22 @@ def _status_mb(field):
 
 
 def make_step(impl, config, cell, threads):
+    """A training step of impl: "c" (pyrnn's CharLM on C), "numpy" (on the oracle), "torch" (a torch
+    char LM) or "pyrnn" (the same torch char LM after pyrnn.torch.accelerate)."""
     if config in LAYER_CONFIGS:
         return make_layer_step(impl, config, cell, threads)
     E, H, L, B, T, _ = CONFIGS[config]
     rng = np.random.default_rng(0)
     x = rng.integers(0, V, (B, T)).astype(np.int32)
     y = rng.integers(0, V, (B, T)).astype(np.int32)
-    if impl == "torch":
+    if impl in ("torch", "pyrnn"):
         import torch
         torch.set_num_threads(threads)
         from .interop import torch_char_lm
         model = torch_char_lm(cell, V, E, H, L)
+        if impl == "pyrnn":
+            from . import torch as pyrnn_torch
+            pyrnn_torch.accelerate(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
         xt, yt = torch.from_numpy(x).long(), torch.from_numpy(y).long()
         loss_fn = torch.nn.CrossEntropyLoss()
@@ -162,14 +176,30 @@ def make_step(impl, config, cell, threads):
     return step
 
 
+def worker_isa(impl):
+    """The instruction sets a worker's step runs on: torch's CPU capability where torch computes, the
+    C extension's kernels where pyrnn's does, OpenBLAS's core for the oracle."""
+    isa = {}
+    if impl in ("torch", "pyrnn"):
+        import torch
+        isa["torch"] = torch.backends.cpu.get_cpu_capability()
+    if impl in C_IMPLS:
+        from . import engine_c
+        isa["c"] = engine_c.isa()
+    if impl == "numpy":
+        isa["blas"] = _blas_core()
+    return isa
+
+
 def worker(impl, config, cell, threads, warmup):
-    """A persistent measuring process: after `warmup` steps, each line "n" on stdin runs n timed
-    steps and answers with their times as one JSON line; end of input answers with peak memory."""
+    """A persistent measuring process: after `warmup` steps it says it is ready and what instruction sets
+    it ran; then each line "n" on stdin runs n timed steps and answers with their times as one JSON line;
+    end of input answers with peak memory."""
     step = make_step(impl, config, cell, threads)
     base = _status_mb("VmRSS")
     for _ in range(warmup):
         step()
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True, "isa": worker_isa(impl)}), flush=True)
     for line in sys.stdin:
         print(json.dumps([_timed(step) for _ in range(int(line))]), flush=True)
     peak = _status_mb("VmHWM")
@@ -184,7 +214,7 @@ class Worker:
         self.stderr = tempfile.TemporaryFile(mode="w+")   # a pipe nobody reads could fill and block it
         self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True)
-        self._read()
+        self.isa = self._read()["isa"]
 
     def _read(self):
         line = self.proc.stdout.readline()
@@ -286,7 +316,7 @@ def take_turns(impls, config, cell, threads, warmup, rounds, repeats, env, c_dir
     try:
         for impl in impls:
             workers[impl] = Worker(impl, config, cell, threads, 1 if impl == "numpy" else warmup, env,
-                                   c_dir if impl == "c" else None)
+                                   c_dir if impl in C_IMPLS else None)
         turns = {impl: [] for impl in impls}
         mem = {}
         for k in range(rounds):
@@ -296,7 +326,8 @@ def take_turns(impls, config, cell, threads, warmup, rounds, repeats, env, c_dir
                 turns[impl].append(workers[impl].steps(repeats + 1)[1:])
                 if impl == "numpy":   # the oracle is a reference point, not a target: one turn
                     mem[impl] = workers[impl].close()
-        return turns, {impl: mem.get(impl) or w.close() for impl, w in workers.items()}
+        mem = {impl: mem.get(impl) or w.close() for impl, w in workers.items()}
+        return turns, {impl: dict(mem[impl], isa=w.isa) for impl, w in workers.items()}
     finally:
         for w in workers.values():
             if w.proc.poll() is None:
@@ -307,8 +338,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m pyrnn bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *LAYER_CONFIGS])
+    p.add_argument("--configs", nargs="+", choices=[*CONFIGS, *LAYER_CONFIGS],
+                   help="default: every char-LM config (--layer: the layer configs)")
     p.add_argument("--layer", action="store_true", help="time the layer API (pyrnn.LSTM against torch.nn.LSTM)")
+    p.add_argument("--torch-module", action="store_true",
+                   help="time a torch training step with torch.nn.LSTM / GRU against pyrnn.torch's")
     p.add_argument("--cells", nargs="+", choices=["rnn", "lstm", "gru"],
                    help="only these cells (default: each config's own)")
     p.add_argument("--rounds", type=int, default=9, help="turns each implementation takes")
@@ -321,8 +355,18 @@ def main(argv=None):
     p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     p.add_argument("--gemm-worker", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.layer and args.torch_module:
+        p.error("--layer and --torch-module time different things: give one")
     if args.layer:
         args.configs, args.cells, args.no_numpy = list(LAYER_CONFIGS), args.cells or ["lstm"], True
+    if args.torch_module and any(c in LAYER_CONFIGS for c in args.configs or ()):
+        p.error(f"--torch-module times char-LM configs ({', '.join(CONFIGS)})")
+    if args.torch_module and not (args.configs or args.cells):
+        args.runs = list(TORCH_MODULE_RUNS)
+    else:
+        args.runs = [(config, cell) for config in args.configs or list(CONFIGS)
+                     for cell in (("rnn", "lstm", "gru") if config in LAYER_CONFIGS else CONFIGS[config][-1])
+                     if not args.cells or cell in args.cells]
     if args.gemm_worker:
         gemm_worker(args.gemm_worker)
         return
@@ -349,9 +393,13 @@ def run(args, tmp):
         import torch  # noqa: F401
         impls = ["c", "torch"]
     except ImportError:
+        if args.torch_module:
+            sys.exit("error: --torch-module times torch training steps: it needs torch (pip install torch)")
         impls = ["c"]
         print("torch is not installed: measuring without the PyTorch peer (pip install torch)")
-    if not args.no_numpy:
+    if args.torch_module:
+        impls = ["pyrnn", "torch"]
+    elif not args.no_numpy:
         impls.append("numpy")
     r = subprocess.run([sys.executable, "-m", "pyrnn.bench", "--gemm-worker", str(args.threads)], env=env, cwd=c_dir,
                        capture_output=True, text=True, check=True)
@@ -369,28 +417,26 @@ def run(args, tmp):
               f"not {args.isa}")
     print(f"float32 GEMM GFLOP/s: numpy {ceiling:.0f} (the ceiling){torch_rate}")
     header = (f"{'config':8} {'cell':5} {'impl':6} {'tok/s':>9} {'x torch':>8} {'GFLOP/s':>8} {'% peak':>7} "
-              f"{'peak MB':>8} {'train MB':>8}")
+              f"{'peak MB':>8} {'train MB':>8}  isa")
     print(header)
     print("-" * len(header))
     results = []
-    for config in args.configs:
-        cells = ("rnn", "lstm", "gru") if config in LAYER_CONFIGS else CONFIGS[config][-1]
-        for cell in (c for c in cells if not args.cells or c in args.cells):
-            turns, mem = take_turns(impls, config, cell, args.threads, args.warmup, args.rounds, args.repeats, env,
-                                    c_dir)
-            tokens, flops = shape_of(config, cell)
-            for impl in impls:
-                step_s = median(t for turn in turns[impl] for t in turn)
-                r = {"impl": impl, "config": config, "cell": cell, "step_s": step_s, "tok_s": tokens / step_s,
-                     "gflops": flops / step_s / 1e9, "pct_peak": 100 * flops / step_s / 1e9 / ceiling, **mem[impl],
-                     "tok_s_rounds": [round(tokens / median(turn)) for turn in turns[impl]]}
-                if "torch" in turns:   # paired: each turn against torch's turn of the same round
-                    ratios = sorted(median(tt) / median(t) for t, tt in zip(turns[impl], turns["torch"]))
-                    r["x_torch"] = median(ratios)
-                    r["x_torch_rounds"] = [round(x, 2) for x in ratios]
-                print(f"{config:8} {cell:5} {impl:6} {r['tok_s']:9.0f} {r.get('x_torch', float('nan')):8.2f} "
-                      f"{r['gflops']:8.1f} {r['pct_peak']:6.0f}% {r['peak_rss_mb']:8.0f} {r['train_rss_mb']:8.0f}")
-                results.append(r)
+    for config, cell in args.runs:
+        turns, mem = take_turns(impls, config, cell, args.threads, args.warmup, args.rounds, args.repeats, env, c_dir)
+        tokens, flops = shape_of(config, cell)
+        for impl in impls:
+            step_s = median(t for turn in turns[impl] for t in turn)
+            r = {"impl": impl, "config": config, "cell": cell, "step_s": step_s, "tok_s": tokens / step_s,
+                 "gflops": flops / step_s / 1e9, "pct_peak": 100 * flops / step_s / 1e9 / ceiling, **mem[impl],
+                 "tok_s_rounds": [round(tokens / median(turn)) for turn in turns[impl]]}
+            if "torch" in turns:   # paired: each turn against torch's turn of the same round
+                ratios = sorted(median(tt) / median(t) for t, tt in zip(turns[impl], turns["torch"]))
+                r["x_torch"] = median(ratios)
+                r["x_torch_rounds"] = [round(x, 2) for x in ratios]
+            print(f"{config:8} {cell:5} {impl:6} {r['tok_s']:9.0f} {r.get('x_torch', float('nan')):8.2f} "
+                  f"{r['gflops']:8.1f} {r['pct_peak']:6.0f}% {r['peak_rss_mb']:8.0f} {r['train_rss_mb']:8.0f}  "
+                  + " ".join(f"{k} {v}" for k, v in r["isa"].items()))
+            results.append(r)
     with open(args.out, "w") as f:
         json.dump({"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "isa": isa, "gemm_gflops": rates,
                    "rounds": args.rounds, "repeats": args.repeats, "results": results}, f, indent=1)

@@ -364,3 +364,40 @@ def test_a_failed_forward_leaves_nothing_for_backward():
     dx, dh0, dc0 = np.zeros_like(x), np.zeros_like(hn), np.zeros_like(cn)
     assert lib.layer_backward_api(m, f(dx), f(dh0), f(dc0), f(out), ffi.NULL, ffi.NULL) == -1
     assert b'before forward' in ffi.string(lib.pyrnn_last_error())
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_layer_bind_computes_with_caller_tensors(bias):
+    # layer_bind (pyrnn.torch's way in): a Layer bound to tensors of its caller computes exactly what one
+    # holding the same values in its own buffers does, and its gradients land in the caller's tensors only
+    from pyrnn._crnn import ffi, lib
+    from pyrnn.engine_c import c_view
+    cell, I, H, B, T = oracle.cell_id('gru'), 3, 5, 2, 4
+    own, bound = (ffi.gc(lib.layer_new(cell, I, H, 1, int(bias)), lib.layer_free) for _ in range(2))
+    n = int(own.num_params)
+    shapes = oracle.layer_param_shapes('gru', I, H, bias)
+    rng = np.random.default_rng(0)
+    params = {k: rng.uniform(-0.5, 0.5, s).astype(np.float32) for k, s in shapes.items()}
+    c_view(ffi, own.params, n, own)[...] = oracle.flatten(params)
+    grads = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    ptrs = lambda d: [ffi.from_buffer('float[]', d[k]) if k in d else ffi.NULL
+                      for k in ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh')]
+    lib.layer_bind(bound, ffi.new('float*[4]', ptrs(params)), ffi.new('float*[4]', ptrs(grads)))
+    f = lambda a: ffi.from_buffer('float[]', a)
+    x, dout = rng.standard_normal((T, B, I)).astype(np.float32), rng.standard_normal((T, B, H)).astype(np.float32)
+    lengths = ffi.from_buffer('int[]', np.array([4, 2], np.int32))
+    res = []
+    for m in (own, bound):
+        out, hn, dx, dh0 = (np.zeros(s, np.float32) for s in ((T, B, H), (B, H), (T, B, I), (B, H)))
+        assert lib.layer_forward_api(m, f(out), f(hn), ffi.NULL, f(x), ffi.NULL, ffi.NULL, lengths, B, T) == 0
+        assert lib.layer_backward_api(m, f(dx), f(dh0), ffi.NULL, f(dout), ffi.NULL, ffi.NULL) == 0
+        res.append((out, hn, dx, dh0))
+    for a, b in zip(*res):
+        assert np.array_equal(a, b)
+    assert np.abs(res[0][2]).sum() > 0
+    assert np.array_equal(oracle.flatten(grads), c_view(ffi, own.grads, n, own))
+    assert not np.any(c_view(ffi, bound.grads, n, bound))   # its own buffers were not touched
+    lib.layer_bind(bound, ffi.NULL, ffi.NULL)   # back to its own (zero) weights: the output is zero
+    out, hn = np.ones((T, B, H), np.float32), np.ones((B, H), np.float32)
+    assert lib.layer_forward_api(bound, f(out), f(hn), ffi.NULL, f(x), ffi.NULL, ffi.NULL, ffi.NULL, B, T) == 0
+    assert not np.any(out) and not np.any(hn)

@@ -46,3 +46,6 @@ def test_readme_python_section_runs(tmp_path, monkeypatch, capsys):
     assert namespace['lm'].vocab == namespace['vocab']
     if 'back' in namespace:
         assert isinstance(namespace['back'], pyrnn.GRU) and namespace['back'].bidirectional
+    if 'model' in namespace:   # the pyrnn.torch loop ran, then restore gave the model torch's LSTM back
+        import torch
+        assert type(namespace['model'].rnn) is torch.nn.LSTM and namespace['step'] == 19

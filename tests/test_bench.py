@@ -79,3 +79,15 @@ def test_layer_mode_counts_both_directions_and_runs():
     assert layer_step_flops('lstm', I, H, L, B, T, 1) == 3 * 2 * B * T * 4 * H * ((I + H) + (H + H))
     for config in LAYER_CONFIGS:   # the C side's step runs through the layer API
         make_layer_step('c', config, 'lstm', 1)()
+
+
+def test_torch_module_mode_times_torch_against_pyrnn_torch(tmp_path):
+    pytest.importorskip('torch', reason='--torch-module times torch training steps')
+    stdout, d = bench(tmp_path, '--torch-module', '--threads', '1', '--rounds', '2', '--repeats', '1')
+    rows = {x['impl']: x for x in d['results']}
+    assert set(rows) == {'pyrnn', 'torch'} and all((x['config'], x['cell']) == ('small', 'rnn') for x in rows.values())
+    assert rows['torch']['x_torch'] == 1.0 and rows['pyrnn']['x_torch'] > 0
+    # each side names what it ran on: torch's kernels on both, pyrnn's C kernels on the pyrnn side only
+    assert rows['pyrnn']['isa'] == {'torch': d['isa']['torch'], 'c': pyrnn.isa()}
+    assert rows['torch']['isa'] == {'torch': d['isa']['torch']}
+    assert "small    rnn   pyrnn" in stdout and f"torch {d['isa']['torch']} c {pyrnn.isa()}" in stdout
