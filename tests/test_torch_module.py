@@ -16,18 +16,11 @@ import pytest
 torch = pytest.importorskip('torch', reason='torch is not installed: pyrnn.torch needs it')
 import pyrnn.torch as pt  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
-from error_report import note, worst_errors  # noqa: E402
+from helpers import rel_err, worst_errors, note  # noqa: E402
 
 TOL = 1e-5
 WORST, report_worst = worst_errors('pyrnn.torch: largest relative error against torch.nn per comparison')
 CELLS = ('rnn', 'rnn_relu', 'lstm', 'gru')
-
-
-def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert b.norm() > 0, 'the reference is all zeros: the comparison would be vacuous'
-    return float((a - b).norm() / b.norm())
 
 
 def close(key, a, b, tol=TOL):
