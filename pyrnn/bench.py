@@ -23,11 +23,20 @@ cross-entropy, backward, clip_grad_norm_, AdamW; torch's code throughout) with t
 pyrnn's C kernels, the rest on torch), on medium LSTM, medium GRU and small GRU (--configs and
 --cells choose others); x torch is then the speed-up a torch user gets.
 
-The run names the CPU model and the instruction set each side uses: the kernels the C extension was
-built for (pyrnn.isa()), torch's CPU capability and OpenBLAS's core. --isa avx2 holds both sides to
-AVX2 on a CPU that has more: the C extension is built for x86-64-v3 into a temporary folder (the
-installed one stays as it is) and its workers run from there; torch, oneDNN, MKL and OpenBLAS (the
-ceiling and the NumPy oracle) are held by their environment variables.
+The run names the CPU model and the instruction set each side uses: the kernel set the C extension
+ran (pyrnn.isa()), torch's CPU capability and OpenBLAS's core. --isa avx2 holds both sides to AVX2 on
+a CPU that has more: the C workers run the extension's avx2 kernels (PYRNN_ISA=avx2), and torch,
+oneDNN, MKL and OpenBLAS (the ceiling and the NumPy oracle) are held by their environment variables.
+
+--precision bf16 times both sides in bf16: the C trainer with -M bf16's GEMMs (precision='bf16'),
+torch under torch.autocast("cpu", dtype=torch.bfloat16) around the forward pass and the loss, with
+float32 master weights (where torch cannot run that, on CPUs without bf16 kernels, its row says why).
+
+--builds ARCH[:ISA] ... times builds of the C extension against each other, each built into a folder
+of its own with PYRNN_ARCH=ARCH (any: the default build, which holds every kernel set) and run with
+PYRNN_ISA=ISA when given; x first is the speed against the first build, paired round by round. The
+dispatched build against the one-CPU builds: `--builds any native`, and
+`--builds any:avx2 x86-64-v3`.
 """
 import argparse
 import ctypes
@@ -50,15 +59,15 @@ CONFIGS = {   # name: (E, H, L, B, T, cells)
 }
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 TORCH_MODULE_RUNS = (("medium", "lstm"), ("medium", "gru"), ("small", "gru"))   # --torch-module's default
-C_IMPLS = ("c", "pyrnn")   # the implementations that run pyrnn's C extension (--isa builds it for them)
+C_IMPLS = ("c", "pyrnn")   # the implementations that run pyrnn's C extension (--isa holds their kernels)
 LAYER_CONFIGS = {   # name: (I, H, L, B, T, directions)
     "layer": (128, 256, 2, 32, 64, 1),
     "layer_bi": (128, 256, 2, 32, 64, 2),
 }
-# --isa: the -march the C extension is built for, the CPU flags that needs, and the environment that
-# holds torch (ATen, oneDNN, MKL) and numpy's OpenBLAS to the same instruction set
+# --isa: the C extension's kernel set, the CPU flags that needs, and the environment that holds torch
+# (ATen, oneDNN, MKL) and numpy's OpenBLAS to the same instruction set
 HELD_ISA = {
-    "avx2": {"arch": "x86-64-v3", "cpu_flags": ("avx2", "fma"),
+    "avx2": {"cpu_flags": ("avx2", "fma"),
              "env": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
                      "OPENBLAS_CORETYPE": "Haswell"}},
 }
@@ -155,9 +164,11 @@ def make_step(impl, config, cell, threads):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
         xt, yt = torch.from_numpy(x).long(), torch.from_numpy(y).long()
         loss_fn = torch.nn.CrossEntropyLoss()
+        bf16 = _precision() == "bf16"
         def step():
-            logits, _ = model(xt)
-            loss = loss_fn(logits.reshape(-1, V), yt.reshape(-1))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits, _ = model(xt)
+                loss = loss_fn(logits.reshape(-1, V), yt.reshape(-1))
             opt.zero_grad(set_to_none=False)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -167,13 +178,18 @@ def make_step(impl, config, cell, threads):
         from .nn import CharLM
         if impl == "c":
             set_num_threads(threads)
-        model = CharLM(cell, V, E, H, L, backend="c" if impl == "c" else "numpy")
+        model = CharLM(cell, V, E, H, L, backend="c" if impl == "c" else "numpy", precision=_precision())
         def step():
             model.forward(x, y)
             model.zero_grad()
             model.backward()
             model.step(1e-3, weight_decay=0.01, max_grad_norm=1.0)
     return step
+
+
+def _precision():
+    """fp32 or bf16: --precision, which reaches the workers through their environment"""
+    return os.environ.get("PYRNN_BENCH_PRECISION", "fp32")
 
 
 def worker_isa(impl):
@@ -308,26 +324,31 @@ def build_c(arch, folder):
                  f"{(r.stderr.strip().splitlines() or ['no output'])[-1]}")
 
 
-def take_turns(impls, config, cell, threads, warmup, rounds, repeats, env, c_dir=None):
+def take_turns(plans, config, cell, threads, warmup, rounds, repeats):
     """Each implementation in its own warm process; they take `rounds` turns of `repeats` timed steps,
     in alternating order, so the machine's drift (up to +-40% within seconds) falls on all of them
-    alike. The first step of a turn is not timed: it pays for waking the process's idle threads."""
-    workers = {}
+    alike. The first step of a turn is not timed: it pays for waking the process's idle threads.
+    plans: {name: (impl, environment, folder whose pyrnn package it imports, or None)}; a worker that
+    cannot start (torch's bf16 on a CPU without bf16 kernels) is left out and its reason returned."""
+    workers, failed = {}, {}
     try:
-        for impl in impls:
-            workers[impl] = Worker(impl, config, cell, threads, 1 if impl == "numpy" else warmup, env,
-                                   c_dir if impl in C_IMPLS else None)
-        turns = {impl: [] for impl in impls}
+        for name, (impl, env, cwd) in plans.items():
+            try:
+                workers[name] = Worker(impl, config, cell, threads, 1 if impl == "numpy" else warmup, env, cwd)
+            except RuntimeError as e:
+                failed[name] = str(e)
+        names = list(workers)
+        turns = {name: [] for name in names}
         mem = {}
         for k in range(rounds):
-            for impl in impls if k % 2 == 0 else impls[::-1]:
-                if impl in mem:
+            for name in names if k % 2 == 0 else names[::-1]:
+                if name in mem:
                     continue
-                turns[impl].append(workers[impl].steps(repeats + 1)[1:])
-                if impl == "numpy":   # the oracle is a reference point, not a target: one turn
-                    mem[impl] = workers[impl].close()
-        mem = {impl: mem.get(impl) or w.close() for impl, w in workers.items()}
-        return turns, {impl: dict(mem[impl], isa=w.isa) for impl, w in workers.items()}
+                turns[name].append(workers[name].steps(repeats + 1)[1:])
+                if plans[name][0] == "numpy":   # the oracle is a reference point, not a target: one turn
+                    mem[name] = workers[name].close()
+        mem = {name: mem.get(name) or w.close() for name, w in workers.items()}
+        return turns, {name: dict(mem[name], isa=w.isa) for name, w in workers.items()}, failed
     finally:
         for w in workers.values():
             if w.proc.poll() is None:
@@ -351,6 +372,10 @@ def main(argv=None):
     p.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy oracle")
     p.add_argument("--isa", default="native", choices=["native", *HELD_ISA],
                    help="hold both sides to this instruction set (default: what this CPU has)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: the C trainer's -M bf16 against torch's bf16 autocast")
+    p.add_argument("--builds", nargs="+", metavar="ARCH[:ISA]",
+                   help="time builds of the C extension against each other (e.g. any native)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     p.add_argument("--gemm-worker", type=int, help=argparse.SUPPRESS)
@@ -359,6 +384,10 @@ def main(argv=None):
         p.error("--layer and --torch-module time different things: give one")
     if args.layer:
         args.configs, args.cells, args.no_numpy = list(LAYER_CONFIGS), args.cells or ["lstm"], True
+    if args.builds and (args.layer or args.torch_module):
+        p.error("--builds times the C trainer's builds: not with --layer or --torch-module")
+    if args.precision == "bf16" and (args.layer or args.torch_module):
+        p.error("--precision bf16 times the char LM (the C trainer against torch's autocast)")
     if args.torch_module and any(c in LAYER_CONFIGS for c in args.configs or ()):
         p.error(f"--torch-module times char-LM configs ({', '.join(CONFIGS)})")
     if args.torch_module and not (args.configs or args.cells):
@@ -378,33 +407,52 @@ def main(argv=None):
         run(args, tmp)
 
 
+def plan(args, env, tmp):
+    """{name: (impl, environment, folder)} of the implementations this run times, and the first folder
+    (the build whose GEMM probe and instruction sets the run reports)"""
+    c_env = dict(env, PYRNN_ISA=args.isa) if args.isa in HELD_ISA else env
+    if args.builds:
+        plans = {}
+        for spec in args.builds:
+            arch, _, isa = spec.partition(":")
+            folder = os.path.join(tmp, arch)
+            if not os.path.isdir(folder):
+                build_c(arch, folder)
+            plans[spec] = ("c", dict(env, PYRNN_ISA=isa) if isa else env, folder)
+        return plans, plans[args.builds[0]][2]
+    try:
+        import torch  # noqa: F401
+        names = ["c", "torch"]
+    except ImportError:
+        if args.torch_module:
+            sys.exit("error: --torch-module times torch training steps: it needs torch (pip install torch)")
+        names = ["c"]
+        print("torch is not installed: measuring without the PyTorch peer (pip install torch)")
+    if args.torch_module:
+        names = ["pyrnn", "torch"]
+    elif not args.no_numpy:
+        names.append("numpy")
+    return {name: (name, c_env if name in C_IMPLS else env, None) for name in names}, None
+
+
 def run(args, tmp):
-    """The benchmark; tmp holds the C extension built for --isa."""
+    """The benchmark; tmp holds the C extensions of --builds."""
     cpu, cpu_flags = _cpu()
-    env, c_dir, held = _thread_env(args.threads), None, HELD_ISA.get(args.isa)
+    env, held = _thread_env(args.threads), HELD_ISA.get(args.isa)
+    env["PYRNN_BENCH_PRECISION"] = args.precision
     if held:
         missing = [f for f in held["cpu_flags"] if f not in cpu_flags]
         if missing:
             sys.exit(f"error: --isa {args.isa} needs a CPU with {' and '.join(missing)}; this one ({cpu}) has not")
         env.update(held["env"])
-        c_dir = tmp
-        build_c(held["arch"], c_dir)
-    try:
-        import torch  # noqa: F401
-        impls = ["c", "torch"]
-    except ImportError:
-        if args.torch_module:
-            sys.exit("error: --torch-module times torch training steps: it needs torch (pip install torch)")
-        impls = ["c"]
-        print("torch is not installed: measuring without the PyTorch peer (pip install torch)")
-    if args.torch_module:
-        impls = ["pyrnn", "torch"]
-    elif not args.no_numpy:
-        impls.append("numpy")
-    r = subprocess.run([sys.executable, "-m", "pyrnn.bench", "--gemm-worker", str(args.threads)], env=env, cwd=c_dir,
-                       capture_output=True, text=True, check=True)
+    plans, c_dir = plan(args, env, tmp)
+    impls = list(plans)
+    c_env = plans[impls[0]][1] if args.builds else dict(env, PYRNN_ISA=args.isa) if held else env
+    r = subprocess.run([sys.executable, "-m", "pyrnn.bench", "--gemm-worker", str(args.threads)], env=c_env,
+                       cwd=c_dir, capture_output=True, text=True, check=True)
     probe = json.loads(r.stdout)
-    rates, isa = probe["gemm_gflops"], dict(probe["isa"], held_to=args.isa, env=held["env"] if held else {})
+    rates, isa = probe["gemm_gflops"], dict(probe["isa"], held_to=args.isa, env=held["env"] if held else {},
+                                            precision=args.precision)
     ceiling = rates["numpy"]
     march = next((f for f in isa.get("c_build_flags", "").split() if f.startswith("-march=")), "no -march")
     torch_rate = f", torch {rates['torch']:.0f}" if "torch" in rates else ""
@@ -413,33 +461,42 @@ def run(args, tmp):
           f"{isa['blas'] or 'not OpenBLAS'}" + (f"; held to {args.isa}: " + " ".join(f"{k}={v}" for k, v in
                                                  held["env"].items()) if held else ""))
     if held and isa.get("c") != args.isa:
-        print(f"warning: the C extension built with -march={held['arch']} reports {isa.get('c')} kernels, "
-              f"not {args.isa}")
+        print(f"warning: the C extension reports {isa.get('c')} kernels, not {args.isa}")
+    if args.precision == "bf16":
+        print("precision bf16: the C trainer's -M bf16 against torch.autocast('cpu', dtype=torch.bfloat16)")
     print(f"float32 GEMM GFLOP/s: numpy {ceiling:.0f} (the ceiling){torch_rate}")
-    header = (f"{'config':8} {'cell':5} {'impl':6} {'tok/s':>9} {'x torch':>8} {'GFLOP/s':>8} {'% peak':>7} "
-              f"{'peak MB':>8} {'train MB':>8}  isa")
+    base = impls[0] if args.builds else "torch"   # what the ratios are against
+    width = max(6, *map(len, impls))
+    header = (f"{'config':8} {'cell':5} {'impl':{width}} {'tok/s':>9} {'x ' + base.split(':')[0]:>8} {'GFLOP/s':>8} "
+              f"{'% peak':>7} {'peak MB':>8} {'train MB':>8}  isa")
     print(header)
     print("-" * len(header))
     results = []
     for config, cell in args.runs:
-        turns, mem = take_turns(impls, config, cell, args.threads, args.warmup, args.rounds, args.repeats, env, c_dir)
+        turns, mem, failed = take_turns(plans, config, cell, args.threads, args.warmup, args.rounds, args.repeats)
         tokens, flops = shape_of(config, cell)
-        for impl in impls:
+        for impl, why in failed.items():
+            print(f"{config:8} {cell:5} {impl:{width}} could not run: {why}")
+            results.append({"impl": impl, "config": config, "cell": cell, "error": why})
+        for impl in turns:
             step_s = median(t for turn in turns[impl] for t in turn)
             r = {"impl": impl, "config": config, "cell": cell, "step_s": step_s, "tok_s": tokens / step_s,
                  "gflops": flops / step_s / 1e9, "pct_peak": 100 * flops / step_s / 1e9 / ceiling, **mem[impl],
                  "tok_s_rounds": [round(tokens / median(turn)) for turn in turns[impl]]}
-            if "torch" in turns:   # paired: each turn against torch's turn of the same round
-                ratios = sorted(median(tt) / median(t) for t, tt in zip(turns[impl], turns["torch"]))
-                r["x_torch"] = median(ratios)
-                r["x_torch_rounds"] = [round(x, 2) for x in ratios]
-            print(f"{config:8} {cell:5} {impl:6} {r['tok_s']:9.0f} {r.get('x_torch', float('nan')):8.2f} "
+            if base in turns:   # paired: each turn against the base's turn of the same round
+                ratios = sorted(median(tt) / median(t) for t, tt in zip(turns[impl], turns[base]))
+                key = "x_first" if args.builds else "x_torch"
+                r[key] = median(ratios)
+                r[key + "_rounds"] = [round(x, 2) for x in ratios]
+            ratio = r.get("x_first" if args.builds else "x_torch", float("nan"))
+            print(f"{config:8} {cell:5} {impl:{width}} {r['tok_s']:9.0f} {ratio:8.2f} "
                   f"{r['gflops']:8.1f} {r['pct_peak']:6.0f}% {r['peak_rss_mb']:8.0f} {r['train_rss_mb']:8.0f}  "
                   + " ".join(f"{k} {v}" for k, v in r["isa"].items()))
             results.append(r)
     with open(args.out, "w") as f:
         json.dump({"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "isa": isa, "gemm_gflops": rates,
-                   "rounds": args.rounds, "repeats": args.repeats, "results": results}, f, indent=1)
+                   "rounds": args.rounds, "repeats": args.repeats, "builds": args.builds, "results": results}, f,
+                  indent=1)
     print(f"wrote {args.out}")
 
 
