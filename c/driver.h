@@ -27,9 +27,10 @@ typedef struct {
     int (*set_state)(void* self, const float* h, const float* c);
     int (*get_state)(void* self, float* h, float* c);
     // forward from the carried state, backward, clip, AdamW (skipped when the gradient is not
-    // finite); the final state becomes the carried state. Between backward and the update it calls
-    // dist_step_mean (dist.h), which agrees with the other ranks on the step and averages the loss and
-    // gradients over them (nothing in one process). B is this rank's share of the streams.
+    // finite); the final state becomes the carried state. Between backward and the update it agrees
+    // with the other ranks on the step and averages the loss and gradients over them (the CPU backend
+    // through dist_step_mean in dist.h, the GPU's through nccl_step_mean on the device; nothing in one
+    // process) and sets dist.step_averaged. B is this rank's share of the streams.
     int (*train_step)(void* self, float* loss, float* grad_norm, const int* inputs, const int* targets,
                       const StepParams* sp);
     // forward only, no dropout, from host state h, c, which it overwrites with the final state
