@@ -44,7 +44,7 @@ build/cflags: FORCE
 DATA_DIR ?= data/tinyshakespeare
 OUT_DIR ?= out/train
 
-.PHONY: all deps install train bench test test_c refs clean
+.PHONY: all deps install train train_best bench test test_c refs clean
 
 all: train_cpu test_cpu
 
@@ -73,6 +73,15 @@ $(DATA_DIR)/train.bin:
 		--out-dir $(DATA_DIR)
 train: train_cpu $(DATA_DIR)/train.bin
 	./train_cpu -i $(DATA_DIR)/train.bin -j $(DATA_DIR)/val.bin -o $(OUT_DIR) $(TRAIN_FLAGS)
+
+# the best model in ten minutes (the recipe search of docs/benchmarks.md): prepares the corpus as train
+# does, builds, trains the winner for a wall-clock budget (-x), then prints a sample and its final val loss
+TRAIN_BEST_BUDGET ?= 600
+TRAIN_BEST_FLAGS ?= -c lstm -L 2 -E 128 -H 512 -b 32 -t 128 -l 2e-3 -w 0.01 -u 100 -q 0.1 -g 1 -p 0.2 -d locked \
+	-W 0.2 -D 0.1 -v 250 -s 0 -m 500 -e 0.8
+train_best: train_cpu $(DATA_DIR)/train.bin
+	./train_cpu -i $(DATA_DIR)/train.bin -j $(DATA_DIR)/val.bin -o out/train_best $(TRAIN_BEST_FLAGS) \
+		-x $(TRAIN_BEST_BUDGET)
 
 bench: install
 	$(PYTHON) -m pyrnn bench --out bench.json

@@ -316,8 +316,10 @@ static int resume_args(TrainArgs* a, int* planned_steps, const Flag* flags, int 
 
 // -x SECONDS: a wall-clock budget, counted from the start of the process. Once the warmup is over
 // (and at least 10 steps ran) the run has timed its steps, and an evaluation, and fixes the step count
-// so that the cosine schedule ends inside the budget, with 2% and a second to spare; should the machine
-// slow down after that, the run ends early rather than overrun. Every rank takes rank 0's decisions.
+// so that the cosine schedule ends inside the budget, with 2% and a second to spare. Whenever the time
+// left would not hold the end-of-run work (before the count is fixed too, as with a long warmup, or
+// after, should the machine slow down), the run ends early rather than overrun. Every rank takes rank
+// 0's decisions.
 typedef struct {
     double budget_ms, start_ms;   // budget_ms 0: none
     int plan_after;               // the step at whose end the count is fixed; -1 once it is
@@ -450,7 +452,6 @@ static int train_run(int argc, char** argv, const Backend* be) {
         DataLoader loader;
         TRY(loader_init(&loader, &train, a.B, a.T, "train"));
         if (have_val) { DataLoader probe; TRY(loader_init(&probe, &val, a.B, a.T, "val")); }
-        TRY(lead ? open_log(&log, a.out_dir, a.resume[0] != 0) : 0);   // rank 0 alone writes the log and checkpoints
 
         // h, c: this rank's carried state (L, B/R, H); h_all, c_all on rank 0: every stream's, for checkpoints
         size_t P = model_num_params(cfg), lbh = (size_t)cfg.n_layers * local_B * cfg.hidden_size;
@@ -464,6 +465,9 @@ static int train_run(int argc, char** argv, const Backend* be) {
                               strcmp(a.precision, "bf16") == 0 };
         run = be->create(cfg, local_B, a.T, &opts);
         TRY(run ? 0 : -1);
+        // rank 0 alone writes the log and checkpoints; opened only now, so that nothing refused above (a
+        // backend's options, a kernel set this CPU lacks) touches an earlier run's log in -o
+        TRY(lead ? open_log(&log, a.out_dir, a.resume[0] != 0) : 0);
         if (a.resume[0]) {
             // every rank read the same file, and takes its own streams' states from it
             TRY(be->set_params(run, ck.params, ck.m, ck.v, ck.adam_t, ck.rng));
@@ -534,7 +538,7 @@ static int train_run(int argc, char** argv, const Backend* be) {
                             "\"ms\": %.3f, \"comm_ms\": %.3f, \"tok_s\": %.1f}\n", step + 1, loss, norm, sp.lr, ms,
                             comm_ms, bt / (ms / 1e3));
             }
-            if (budget.budget_ms > 0.0 && budget.plan_after < 0 && step + 1 < a.max_steps &&
+            if (budget.budget_ms > 0.0 && step + 1 < a.max_steps &&
                 rank0_decides(now_ms() - budget.start_ms + budget_tail_ms(&budget) > budget.budget_ms)) {
                 printf("budget: out of time, ending at step %d of %d\n", step + 1, a.max_steps);
                 a.max_steps = step + 1;

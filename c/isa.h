@@ -1,56 +1,13 @@
 // isa.h: which kernels a model runs. One build holds the kernels (kernels.h) of every instruction set
 // the compiler can target, each compiled under its own target pragma; a model takes the set this CPU
-// runs best (CPUID on x86, the kernel's HWCAP on aarch64) unless PYRNN_ISA or pyrnn_set_isa names one.
-//   x86-64:  sse2 (the baseline), avx2 (AVX2 + FMA, x86-64-v3), avx512 (x86-64-v4), avx512bf16 (+ VDPBF16PS)
-//   aarch64: neon
+// runs best (CPUID) unless PYRNN_ISA or pyrnn_set_isa names one.
+//   x86-64 (with gcc): sse2 (the baseline), avx2 (AVX2 + FMA, x86-64-v3), avx512 (x86-64-v4), avx512bf16
+//   (+ VDPBF16PS); aarch64 and other compilers: the one set the compiler's flags select (neon on aarch64)
 // A build for one CPU (-DPYRNN_ONE_ISA, which the Makefile's ARCH= and PYRNN_ARCH add with their -march,
 // or any -march with AVX) holds only the set its flags select; so does the GPU trainer's C++ host side.
 #pragma once
 #include "common.h"
-#include "cells.h"
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-#if defined(__aarch64__) && defined(__linux__)
-#include <sys/auxv.h>
-#endif
-
-#define KC 256   // rows of op(B) in one packed k-block, the same for every ISA
-
-// the kernels of one ISA in one precision; a model holds a pointer to its set
-typedef struct {
-    const char* isa;          // "avx2"
-    const char* precision;    // "fp32" or "bf16"
-    int mr, nr;               // the register tile: rows of A, columns of a packed panel of B
-    int bf16_native;          // bf16 products in hardware (else emulated, to the same results)
-    // bp <- op(B) (K x N, row and column strides rs, cs) in this set's packed panels; by a team or not
-    void (*pack_b)(float* bp, const float* b, int K, int N, long rs, long cs);
-    // C (M x N, row stride ldc) (+)= op(A) * packed op(B): by every thread of a team; on one thread
-    void (*gemm_team)(float* c, long ldc, const float* a, long a_rs, long a_cs, const float* bp, int M, int N,
-                      int K, int accumulate);
-    void (*gemm_rows)(float* c, long ldc, const float* a, long a_rs, const float* bp, int M, int N, int K,
-                      int accumulate);
-    // the cells (cells.h) for batch rows [b0, b1)
-    void (*rnn_forward)(float* h, const float* gx, const float* gh, const float* b_ih, const float* b_hh,
-                        int relu, int b0, int b1, int H);
-    void (*rnn_backward)(float* dgates, float* dh, const float* dy, const float* h, int relu, int b0, int b1, int H);
-    void (*lstm_forward)(float* h, float* c, float* gates, const float* gh, const float* c_prev,
-                         const float* b_ih, const float* b_hh, int b0, int b1, int H);
-    void (*lstm_backward)(float* dgates, float* dh, float* dc, const float* dy, const float* gates, const float* c,
-                          const float* c_prev, int b0, int b1, int H);
-    void (*gru_forward)(float* h, float* gates, float* hn, const float* gh, const float* h_prev,
-                        const float* b_ih, const float* b_hh, int b0, int b1, int H);
-    void (*gru_backward)(float* dgates, float* dgates_h, float* dh, const float* dy, const float* gates,
-                         const float* hn, const float* h_prev, int b0, int b1, int H);
-} Kernels;
-
-// x rounded to bf16, to nearest even (NaN stays NaN): the high 16 bits of its fp32 pattern
-static inline uint32_t bf16_bits(float x) {
-    uint32_t u;
-    memcpy(&u, &x, sizeof(u));
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u >> 16) | 0x40u;
-    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-}
+#include "kernel_table.h"   // the Kernels table each set fills, the k-block, bf16 rounding
 
 // ----------------------------------------------------------------------------
 // the kernel sets this build holds, widest last (a test build's stand-in first, so never the default)
@@ -169,7 +126,7 @@ enum { N_KERNEL_SETS = sizeof(kernel_sets) / sizeof(kernel_sets[0]) };
 // the choice: made once when the library loads (PYRNN_ISA, else the widest set this CPU runs), or
 // again by pyrnn_set_isa; each model keeps the set it was made with
 
-static const KernelSet* kernel_choice;
+static const KernelSet* kernel_choice;   // read and written atomically: set_isa may run beside a model's creation
 static char kernel_choice_error[512];
 
 // "sse2, avx2, avx512, avx512bf16": the sets this build holds (cpu_only: those this CPU runs)
@@ -194,8 +151,8 @@ static int kernel_choose(const char* name) {
                      "PYRNN_ISA=%s: this CPU cannot run the %s kernels (it runs %s)", name, name, runs);
             return fail("%s", kernel_choice_error);
         }
-        kernel_choice = k;
         kernel_choice_error[0] = 0;
+        __atomic_store_n(&kernel_choice, k, __ATOMIC_RELEASE);
         return 0;
     }
     snprintf(kernel_choice_error, sizeof(kernel_choice_error),
@@ -212,14 +169,15 @@ __attribute__((constructor)) static void kernel_choose_at_load(void) {
 
 // the set a new model takes
 static const KernelSet* kernel_set_chosen(void) {
-    if (!kernel_choice) fail("%s", kernel_choice_error);
-    return kernel_choice;
+    const KernelSet* k = __atomic_load_n(&kernel_choice, __ATOMIC_ACQUIRE);
+    if (!k) fail("%s", kernel_choice_error);
+    return k;
 }
 
 // the set new models take ("avx2"), or NULL with the reason in pyrnn_last_error
 const char* pyrnn_isa(void) {
-    if (!kernel_choice) { fail("%s", kernel_choice_error); return NULL; }
-    return kernel_choice->name;
+    const KernelSet* k = kernel_set_chosen();
+    return k ? k->name : NULL;
 }
 
 // models made from now on take this set (NULL or "": the widest this CPU runs); -1 if it cannot

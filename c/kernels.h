@@ -7,7 +7,7 @@
 //   - the GEMM: op(B) packed into NR-wide column panels, then an MR x NR register tile, in fp32 and
 //     in bf16 (operands rounded to bf16 while packing; VDPBF16PS where the ISA has it);
 //   - the cells' row loops (cells.h), inlined here so their gate loops vectorize at the ISA's width.
-// No include guard: it is meant to be included once per ISA.
+// No include guard: it is meant to be included once per ISA (what it includes has guards).
 //
 // The register tile is MR rows x NR columns, NR = NV vectors, sized so the MR * NV accumulators, NV
 // vectors of B and one broadcast of A fit the register file (more would spill to the stack in the
@@ -16,6 +16,9 @@
 //   AVX2 + FMA (16 ymm):    6 x 16  = 12 accumulators + 2 + 1
 //   NEON (32 q):            8 x 8   = 16 accumulators + 2 + 1
 //   SSE2 and the rest (16): 6 x 8   = 12 accumulators + 2 + 1, 16-byte vectors
+
+#include "cells.h"          // the cells, inlined into this set's wrappers
+#include "kernel_table.h"   // Kernels, KC, bf16_bits
 
 #define KFN(name) KFN_PASTE(name, KERNEL_ISA)
 #define KFN_PASTE(name, isa) KFN_PASTE2(name, isa)

@@ -25,11 +25,13 @@ static int gpu_rnn_algo = GPU_ALGO_AUTO;     // --cudnn-algo, else $PYRNN_CUDNN_
 static void* gb_create(Config c, int B, int T, const TrainOptions* opts) {
     float dropout = opts->dropout;
     if (opts->bf16) {
-        fail("-M bf16 is a CPU precision; on the GPU, --math tf32 runs the tensor cores");
+        fail("-M bf16 is a CPU precision (given, or from the checkpoint resumed: -M fp32 overrides it); on the "
+             "GPU, --math tf32 runs the tensor cores");
         return NULL;
     }
     if (opts->weight_drop > 0.0f || opts->embed_dropout > 0.0f || opts->locked) {
-        fail("%s is not implemented on the GPU yet (train_cpu has it); cuDNN's dropout is per step: use -p",
+        fail("%s is not implemented on the GPU yet (given, or from the checkpoint resumed: -W 0, -D 0 or -d step "
+             "overrides it; train_cpu has it); cuDNN's dropout is per step: use -p",
              opts->weight_drop > 0.0f ? "-W weight drop" : opts->embed_dropout > 0.0f ? "-D embedding dropout"
                                                                                   : "-d locked");
         return NULL;

@@ -95,7 +95,7 @@ class _RNNBase(Module):
         self.input_size, self.hidden_size, self.num_layers = I, H, L
         self.bias, self.batch_first, self.bidirectional = bool(bias), bool(batch_first), bool(bidirectional)
         self.dropout, self.seed = validate.dropout(dropout), validate.seed(seed)
-        self.backend, self.precision = validate.backend(backend), precision
+        self.backend, self._precision = validate.backend(backend), precision
         bf16 = validate.precision(precision)
         if backend not in STACK_ENGINES:
             raise ValueError("the layer API runs on backend 'c' or 'numpy'; backend='cuda' is for CharLM")
@@ -107,6 +107,11 @@ class _RNNBase(Module):
 
     def __call__(self, x, hx=None, lengths=None):
         return self.forward(x, hx, lengths)
+
+    @property
+    def precision(self):
+        """'fp32' or 'bf16' (the GEMMs' operands rounded to bfloat16), fixed at construction"""
+        return self._precision
 
     def __repr__(self):
         extra = f', nonlinearity={self.cell[4:]!r}' if self.cell == 'rnn_relu' else ''
@@ -350,17 +355,16 @@ class CharLM(Module):
                                     num_layers=num_layers)
         self.cell, self.vocab_size, self.embed_size, self.hidden_size, self.num_layers = cell, V, E, H, L
         self._dropout, self.seed = validate.dropout(dropout), validate.seed(seed)
-        self.backend, self.precision = validate.backend(backend), precision
+        self.backend, self._precision = validate.backend(backend), precision
         bf16 = validate.precision(precision)
-        self.weight_drop = validate.dropout(weight_drop, 'weight_drop')
-        self.embed_dropout = validate.dropout(embed_dropout, 'embed_dropout')
-        self.locked_dropout = bool(locked_dropout)
+        self._regularisers = (bool(locked_dropout), validate.dropout(weight_drop, 'weight_drop'),
+                              validate.dropout(embed_dropout, 'embed_dropout'))
         self.vocab = None if vocab is None else Vocab(vocab)
         if self.vocab is not None and len(self.vocab) != V:
             raise ValueError(f'vocab has {len(self.vocab)} symbols, vocab_size is {V}')
         validate.check_params(repr(self), oracle.lm_num_params(cell, V, E, H, L))
         self._engine = LM_ENGINES[backend](cell, V, E, H, L, self.seed, bf16=bf16)
-        self._engine.set_regularisers(self.locked_dropout, self.weight_drop, self.embed_dropout)
+        self._engine.set_regularisers(*self._regularisers)
         self.load_state_dict(oracle.init_lm_params(cell, V, E, H, L, seed=self.seed))
         self.train(True)
         self._can_backward = False
@@ -374,6 +378,24 @@ class CharLM(Module):
     @property
     def dropout(self):
         return self._dropout
+
+    @property
+    def precision(self):
+        """'fp32' or 'bf16', fixed at construction (CharLM.load(..., precision=) changes it)"""
+        return self._precision
+
+    # the regularisers beyond dropout, applied in training mode; each may be set at any time
+    locked_dropout = property(lambda self: self._regularisers[0], lambda self, v: self._set_regularisers(0, bool(v)))
+    weight_drop = property(lambda self: self._regularisers[1],
+                           lambda self, p: self._set_regularisers(1, validate.dropout(p, 'weight_drop')))
+    embed_dropout = property(lambda self: self._regularisers[2],
+                             lambda self, p: self._set_regularisers(2, validate.dropout(p, 'embed_dropout')))
+
+    def _set_regularisers(self, i, value):
+        regs = list(self._regularisers)
+        regs[i] = value
+        self._engine.set_regularisers(*regs)
+        self._regularisers = tuple(regs)
 
     @dropout.setter
     def dropout(self, p):

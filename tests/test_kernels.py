@@ -3,6 +3,7 @@ matches the oracle in fp32, bf16 matches the oracle's bf16 mode, and bf16 gives 
 every set (its products are exact, its sums in one order)."""
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,21 +11,20 @@ import pytest
 import pyrnn
 from pyrnn import data
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import rel_err  # noqa: E402
+
 CELLS = ('rnn', 'rnn_relu', 'lstm', 'gru')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNABLE = pyrnn.isa_list(cpu_only=True)
 
 
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 @pytest.fixture
 def kernel_set():
-    """set_isa for the test's duration, then back to the automatic choice"""
+    """set_isa for the test's duration, then back to the set the run started with"""
+    before = pyrnn.isa()
     yield pyrnn.set_isa
-    pyrnn.set_isa(None)
+    pyrnn.set_isa(before)
 
 
 def lm_run(cell, backend, precision, V=23, B=5, T=9, seed=3):
@@ -39,7 +39,7 @@ def lm_run(cell, backend, precision, V=23, B=5, T=9, seed=3):
 
 
 def worst(a, b):
-    return max(rel(a[k], b[k]) for k in a)
+    return max(rel_err(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize('isa', RUNNABLE)
@@ -58,6 +58,7 @@ def test_bf16_matches_the_oracle_bf16(cell, B):
     assert worst(lm_run(cell, 'c', 'fp32', B=B), ref) > 3 * worst(c, ref)
 
 
+@pytest.mark.skipif(len(RUNNABLE) < 2, reason='one kernel set runs here: nothing to compare')
 def test_bf16_is_the_same_on_every_set(kernel_set):
     # the bf16 GEMMs give the same bits on every set: products of bf16 are exact, the sums run in one
     # order. The cells may not (a set with FMA fuses their multiply-adds), so the model here is the
@@ -90,7 +91,7 @@ def test_unknown_or_unrunnable_sets_are_refused(kernel_set):
     if missing:
         with pytest.raises(ValueError, match='this CPU cannot run'):
             kernel_set(missing[-1])
-    assert pyrnn.isa() == RUNNABLE[-1]
+    assert pyrnn.isa() in RUNNABLE   # a refused set leaves the choice as it was
 
 
 def test_precision_is_checked_and_kept_by_save(tmp_path):

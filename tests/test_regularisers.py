@@ -4,7 +4,6 @@ differences, eval free of all of them, the masks' shapes, resume and MPI equalit
 import json
 import os
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -40,8 +39,9 @@ def two_steps(cell, backend, B, **kw):
 
 @pytest.mark.parametrize('reg', REGULARISERS)
 @pytest.mark.parametrize('cell', CELLS)
-@pytest.mark.parametrize('B', [3, 16])   # 3 x 12 rows < V: the embedded path; 16 x 12: looked up by token
+@pytest.mark.parametrize('B', [1, 16])   # 1 x 12 rows < V: the embedded path; 16 x 12: looked up by token
 def test_c_matches_the_oracle_with_the_same_masks(cell, reg, B):
+    assert (B * 12 >= V) == (B == 16)   # the C model looks layer 0 up by token from V rows on
     (lc, gc), (ln, gn) = (two_steps(cell, be, B, **REGULARISERS[reg]) for be in ('c', 'numpy'))
     tol = 2e-3 if 'precision' in REGULARISERS[reg] else 2e-5
     assert abs(lc - ln) < tol * abs(ln)
@@ -101,6 +101,17 @@ def test_eval_uses_none_of_them():
         assert reg._engine.rng == state   # eval drew no masks
 
 
+def test_setting_them_later_reaches_the_engine():
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, V, (16, 12)), rng.integers(0, V, (16, 12))
+    for backend in ('c', 'numpy'):
+        later = pyrnn.CharLM('lstm', V, 6, 10, 2, seed=3, backend=backend)
+        later.weight_drop, later.embed_dropout, later.locked_dropout, later.dropout = 0.2, 0.2, True, 0.2
+        made = pyrnn.CharLM('lstm', V, 6, 10, 2, seed=3, backend=backend, **REGULARISERS['all_bf16'] | {
+            'precision': 'fp32'})
+        assert later.forward(x, y) == made.forward(x, y)
+
+
 def test_save_and_load_keep_them(tmp_path):
     lm = pyrnn.CharLM('lstm', V, 6, 10, 1, seed=1, vocab=bytes(range(97, 97 + V)), **REGULARISERS['all_bf16'])
     lm.save(tmp_path / 'lm.bin')
@@ -145,6 +156,15 @@ def test_resume_with_the_regularisers_is_bit_identical(corpus, tmp_path):
     assert (k['locked_dropout'], k['weight_drop'], k['embed_dropout']) == (True, 0.2, 0.1)
 
 
+def test_a_long_warmup_cannot_outrun_the_budget(corpus, tmp_path):
+    # the count is fixed only after the warmup; until then the guard alone keeps the run inside -x
+    out = tmp_path / 'warm'
+    r = run(flags(corpus, out, '-x', '2', '-u', '100000', '-v', '0'), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert 'budget: out of time, ending at step' in r.stdout and 'training to step' not in r.stdout
+    assert logged(out, 'elapsed_s')[-1] <= 2.0
+
+
 @pytest.mark.parametrize('bad, message', [
     (['-W', '1'], '-W weight drop must be in [0, 1), got 1'),
     (['-D', '-0.5'], '-D embedding dropout must be in [0, 1), got -0.5'),
@@ -158,11 +178,9 @@ def test_bad_flags_are_one_line(corpus, tmp_path, bad, message):
 
 def test_budget_fits_the_run_and_a_resume_keeps_its_count(corpus, tmp_path):
     out = tmp_path / 'budget'
-    t0 = time.monotonic()
     r = run(flags(corpus, out, '-x', '4', '-u', '5', '-k', '3'), timeout=60)
-    wall = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
-    assert wall < 5.5, wall   # the budget, and the process start and exit around it
+    assert logged(out, 'elapsed_s')[-1] <= 4.0   # the final evaluation ended inside the budget
     planned = logged(out, 'planned_steps')
     assert len(planned) == 1 and planned[0] > 10 and 'training to step' in r.stdout
     ran = logged(out, 'train_loss')
