@@ -7,6 +7,8 @@
 #endif
 
 #define KC 256   // rows of op(B) in one packed k-block, the same for every ISA
+// below this much work per parallel region, waking threads costs more than it saves
+#define PAR_MIN_WORK (1L << 15)
 
 // the kernels of one ISA in one precision; a model holds a pointer to its set
 typedef struct {
@@ -33,6 +35,14 @@ typedef struct {
                         const float* b_ih, const float* b_hh, int b0, int b1, int H);
     void (*gru_backward)(float* dgates, float* dgates_h, float* dh, const float* dy, const float* gates,
                          const float* hn, const float* h_prev, int b0, int b1, int H);
+    // the other loops of a step, by the whole team: the head's softmax and its gradient, column sums,
+    // rows summed by slot (the token lookup's gradients), AdamW (each kernels.h)
+    void (*logits_lse)(float* lse, float* logits, const float* bias, long rows, int V);
+    void (*logits_grad)(float* logits, const float* lse, const int* targets, float scale, long rows, int V);
+    void (*colsum)(float* out, const float* x, long rows, int cols);
+    void (*sum_by_slot)(float* out, const float* x, const int* slot, long rows, int n_slots, int cols);
+    void (*adamw)(float* params, float* m, float* v, const float* grads, size_t n, float grad_scale, float decay,
+                  float step_size, float bc2_sqrt, float beta1, float beta2, float eps);
 } Kernels;
 
 // x rounded to bf16, to nearest even (NaN stays NaN): the high 16 bits of its fp32 pattern

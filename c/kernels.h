@@ -6,7 +6,8 @@
 // fp32, and bf16 (products of bf16-rounded operands, accumulated in fp32). Inside:
 //   - the GEMM: op(B) packed into NR-wide column panels, then an MR x NR register tile, in fp32 and
 //     in bf16 (operands rounded to bf16 while packing; VDPBF16PS where the ISA has it);
-//   - the cells' row loops (cells.h), inlined here so their gate loops vectorize at the ISA's width.
+//   - the cells' row loops (cells.h), inlined here so their gate loops vectorize at the ISA's width;
+//   - the step's other loops over many elements: the head's softmax, column sums, AdamW.
 // No include guard: it is meant to be included once per ISA (what it includes has guards).
 //
 // The register tile is MR rows x NR columns, NR = NV vectors, sized so the MR * NV accumulators, NV
@@ -113,6 +114,7 @@ static inline __attribute__((always_inline)) void KFN(tile)(float* c, long ldc, 
 // A is row-major (a_cs == 1) or transposed (a_rs == 1).
 #define TILE_ROWMAJOR(rows) KFN(tile)(c, ldc, a, a_rs, 1, bp, kc, rows, nr, acc)
 #define TILE_TRANSPOSED(rows) KFN(tile)(c, ldc, a, 1, a_cs, bp, kc, rows, nr, acc)
+#define TILE_COPIED(rows) KFN(tile)(c, ldc, a, 1, MR, bp, kc, rows, nr, acc)
 __attribute__((noinline)) static void KFN(tile_rowmajor)(float* c, long ldc, const float* a, long a_rs,
                                                           const float* bp, int kc, int mr, int nr, int acc) {
     TILE_SWITCH(mr, TILE_ROWMAJOR)
@@ -121,8 +123,14 @@ __attribute__((noinline)) static void KFN(tile_transposed)(float* c, long ldc, c
                                                             const float* bp, int kc, int mr, int nr, int acc) {
     TILE_SWITCH(mr, TILE_TRANSPOSED)
 }
+// a tile copied to [k][MR] first (the weight gradients' A, bf16's rounded A): its stride a constant
+__attribute__((noinline)) static void KFN(tile_copied)(float* c, long ldc, const float* a, const float* bp, int kc,
+                                                        int mr, int nr, int acc) {
+    TILE_SWITCH(mr, TILE_COPIED)
+}
 #undef TILE_ROWMAJOR
 #undef TILE_TRANSPOSED
+#undef TILE_COPIED
 
 // C (M x N, row stride ldc) (+)= op(A) * packed op(B); called by every thread of a team, and C is
 // complete once the team has met (the end of the caller's parallel region). A is row-major
@@ -151,8 +159,8 @@ static void KFN(gemm_team)(float* c, long ldc, const float* a, long a_rs, long a
                     else for (int i = 0; i < mr; i++) at[k * MR + i] = src[(long)k * a_cs + i];
                 for (int jp = 0; jp < n_panels; jp++) {
                     int nr = N - jp * NR < NR ? N - jp * NR : NR;
-                    KFN(tile_transposed)(c + (long)ip * MR * ldc + jp * NR, ldc, at, MR,
-                                         bblock + (size_t)jp * kc * NR, kc, mr, nr, acc);
+                    KFN(tile_copied)(c + (long)ip * MR * ldc + jp * NR, ldc, at, bblock + (size_t)jp * kc * NR, kc, mr,
+                                     nr, acc);
                 }
             }
             continue;
@@ -197,7 +205,7 @@ static void KFN(gemm_rows)(float* c, long ldc, const float* a, long a_rs, const 
 //   native:   op(B) as [k-block][panel][k pair][NR] 32-bit lanes of two bf16 (even k low, odd k high),
 //             A's row panel as [k pair][MR] lanes, and VDPBF16PS;
 //   emulated: op(B) as [k-block][panel][k pair][odd k, even k][NR] floats, A's row panel likewise
-//             ([k pair][odd, even][MR]), and the fp32 transposed-A tile.
+//             ([k pair][odd, even][MR]), and the fp32 tile of a copied A.
 // Each k-block holds an even number of rows of k (KC is even), so only the last pads one row of zeros.
 
 // the bf16 value of x, as a float
@@ -308,7 +316,7 @@ static inline void KFN(panel_bf16)(float* c, long ldc, const float* a, long a_rs
 #if BF16_NATIVE
         KFN(tile_bf16_rows)(c + jp * NR, ldc, at, (const uint32_t*)bblock + (size_t)jp * kp * NR, kp, rows, nr, acc);
 #else
-        KFN(tile_transposed)(c + jp * NR, ldc, at, MR, bblock + (size_t)jp * 2 * kp * NR, 2 * kp, rows, nr, acc);
+        KFN(tile_copied)(c + jp * NR, ldc, at, bblock + (size_t)jp * 2 * kp * NR, 2 * kp, rows, nr, acc);
 #endif
     }
 }
@@ -349,6 +357,76 @@ static void KFN(gemm_rows_bf16)(float* c, long ldc, const float* a, long a_rs, c
 }
 
 // ----------------------------------------------------------------------------
+// the other loops of a step, each by the whole team, built for this ISA like the rest
+
+// per row of logits (rows x V): the bias added, then the log-sum-exp
+static void KFN(logits_lse)(float* lse, float* logits, const float* bias, long rows, int V) {
+    #pragma omp parallel for schedule(static) if (rows * V > PAR_MIN_WORK)
+    for (long r = 0; r < rows; r++) {
+        float* z = logits + (size_t)r * V;
+        float mx = -FLT_MAX;
+        for (int v = 0; v < V; v++) { z[v] += bias[v]; mx = z[v] > mx ? z[v] : mx; }
+        float sum = 0.0f;
+        for (int v = 0; v < V; v++) sum += exp_approx(z[v] - mx);
+        lse[r] = mx + logf(sum);
+    }
+}
+
+// logits <- d(scale * sum of cross-entropies)/d(logits): (softmax - onehot(target)) * scale
+static void KFN(logits_grad)(float* logits, const float* lse, const int* targets, float scale, long rows, int V) {
+    #pragma omp parallel for schedule(static) if (rows * V > PAR_MIN_WORK)
+    for (long r = 0; r < rows; r++) {
+        float* z = logits + (size_t)r * V;
+        for (int v = 0; v < V; v++) z[v] = exp_approx(z[v] - lse[r]) * scale;
+        z[targets[r]] -= scale;
+    }
+}
+
+// out[j] += sum over rows of x (rows x cols): rows are streamed in order, each thread owns a slice of
+// columns, so reads are contiguous and the summation order is fixed
+enum { KFN(SLICE) = 64 };
+static void KFN(colsum)(float* out, const float* x, long rows, int cols) {
+    #pragma omp parallel for schedule(static) if (rows * cols > PAR_MIN_WORK)
+    for (int j0 = 0; j0 < cols; j0 += KFN(SLICE)) {
+        int n = cols - j0 < KFN(SLICE) ? cols - j0 : KFN(SLICE);
+        float acc[KFN(SLICE)] = { 0 };
+        for (long r = 0; r < rows; r++) {
+            const float* row = x + r * cols + j0;
+            for (int j = 0; j < n; j++) acc[j] += row[j];
+        }
+        for (int j = 0; j < n; j++) out[j0 + j] += acc[j];
+    }
+}
+
+// out (n_slots x cols) <- the rows of x (rows x cols) summed by slot[r], in row order (as colsum: a
+// slice of columns per thread)
+static void KFN(sum_by_slot)(float* out, const float* x, const int* slot, long rows, int n_slots, int cols) {
+    #pragma omp parallel for schedule(static) if (rows * cols > PAR_MIN_WORK)
+    for (int j0 = 0; j0 < cols; j0 += KFN(SLICE)) {
+        int w = cols - j0 < KFN(SLICE) ? cols - j0 : KFN(SLICE);
+        for (int i = 0; i < n_slots; i++) memset(out + (size_t)i * cols + j0, 0, w * sizeof(float));
+        for (long r = 0; r < rows; r++) {
+            float* dst = out + (size_t)slot[r] * cols + j0;
+            const float* src = x + r * cols + j0;
+            for (int j = 0; j < w; j++) dst[j] += src[j];
+        }
+    }
+}
+
+// one AdamW update of n floats (train_rnn.c's adamw_update computes the step's scalars)
+static void KFN(adamw)(float* params, float* m, float* v, const float* grads, size_t n, float grad_scale, float decay,
+                       float step_size, float bc2_sqrt, float beta1, float beta2, float eps) {
+    #pragma omp parallel for schedule(static) if ((long)n > PAR_MIN_WORK)
+    for (long i = 0; i < (long)n; i++) {
+        float g = grads[i] * grad_scale;
+        float mi = beta1 * m[i] + (1.0f - beta1) * g;
+        float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+        m[i] = mi; v[i] = vi;
+        params[i] = params[i] * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    }
+}
+
+// ----------------------------------------------------------------------------
 // the cells' row loops, built for this ISA (each wrapper inlines its cells.h function)
 
 static void KFN(rnn_forward)(float* h, const float* gx, const float* gh, const float* b_ih, const float* b_hh,
@@ -377,7 +455,7 @@ static void KFN(gru_backward)(float* dgates, float* dgates_h, float* dh, const f
 }
 
 #define KERNEL_CELLS KFN(rnn_forward), KFN(rnn_backward), KFN(lstm_forward), KFN(lstm_backward), \
-    KFN(gru_forward), KFN(gru_backward)
+    KFN(gru_forward), KFN(gru_backward), KFN(logits_lse), KFN(logits_grad), KFN(colsum), KFN(sum_by_slot), KFN(adamw)
 static const Kernels KFN(kernels_fp32) = {
     KERNEL_NAME, "fp32", MR, NR, 0, KFN(pack_b), KFN(gemm_team), KFN(gemm_rows), KERNEL_CELLS,
 };

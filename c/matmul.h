@@ -5,8 +5,6 @@
 #include "common.h"
 #include "isa.h"   // Kernels: packing, register tiles and cells per ISA; the choice of set
 
-// below this much work per parallel region, waking threads costs more than it saves
-#define PAR_MIN_WORK (1L << 15)
 
 // ----------------------------------------------------------------------------
 // matmul: C (M x N) (+)= op(A) (M x K) * op(B) (K x N), both operands addressed by row and column
@@ -92,22 +90,6 @@ static void thread_rows(int* lo, int* hi, int n) {
     #endif
     *lo = (int)((long)n * id / nt);
     *hi = (int)((long)n * (id + 1) / nt);
-}
-
-// out[j] += sum over rows of x (rows x cols): rows are streamed in order, each thread owns a slice of
-// columns, so reads are contiguous and the summation order is fixed
-static void colsum_accumulate(float* out, const float* x, long rows, int cols) {
-    enum { SLICE = 64 };
-    #pragma omp parallel for schedule(static) if (rows * cols > PAR_MIN_WORK)
-    for (int j0 = 0; j0 < cols; j0 += SLICE) {
-        int n = cols - j0 < SLICE ? cols - j0 : SLICE;
-        float acc[SLICE] = { 0 };
-        for (long r = 0; r < rows; r++) {
-            const float* row = x + r * cols + j0;
-            for (int j = 0; j < n; j++) acc[j] += row[j];
-        }
-        for (int j = 0; j < n; j++) out[j0 + j] += acc[j];
-    }
 }
 
 // sum of squares in double with a fixed combination order, so a run is bit-reproducible for a given

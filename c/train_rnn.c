@@ -136,6 +136,7 @@ typedef struct {
     float *table_seen;   // (V, input_size): table rows of those tokens, then their gradients
     int *token_slot;     // (V): each token's slot, -1 if the batch did not see it
     int *seen;           // (V): the token in each slot
+    int *row_slot;       // (B*T): the slot of each row's token
     int n_seen;
     float *bias_sums;    // (G*H) column sums of one layer's gate gradients
     float *gh;           // (B, G*H) recurrent projection of one step
@@ -219,7 +220,7 @@ static void stack_free(Stack* s) {
     for (int i = 0; i < N_STACK_TABLES; i++) { free(*tables[i]); *tables[i] = NULL; }
     free(s->zero_bias); free(s->zero_bias_grad); free(s->acts_memory); free(s->w_packed); free(s->token_slot);
     free(s->w_drop_memory); free(s->table_dropped);
-    s->token_slot = s->seen = NULL;
+    s->token_slot = s->seen = s->row_slot = NULL;
     s->zero_bias = s->zero_bias_grad = s->acts_memory = s->w_packed = s->w_drop_memory = s->table_dropped = NULL;
 }
 
@@ -261,9 +262,11 @@ static int stack_reserve(Stack* s, int B, int T) {
         s->w_packed = (float*)alloc_floats(fwd > bwd ? fwd : bwd);
         if (!s->w_packed) return fail("out of memory for packed weights");
         free(s->token_slot);
-        s->token_slot = (int*)malloc((2 * (size_t)s->table_rows + 1) * sizeof(int));   // + 1: never malloc(0)
+        size_t rows = s->table_rows ? bt : 0;   // + 1 below: never malloc(0)
+        s->token_slot = (int*)malloc((2 * (size_t)s->table_rows + rows + 1) * sizeof(int));
         if (!s->token_slot) return fail("out of memory");
         s->seen = s->token_slot + s->table_rows;
+        s->row_slot = s->seen + s->table_rows;
         // op(B) of x W_ih^T, dY^T h, dY^T x, dY W_ih (whole T, or packed once for the per-step products)
         // and dproj^T table, for layer inputs of width In (layer 0) and H
         size_t in_max = (size_t)(In > H ? In : H);
@@ -308,17 +311,8 @@ static void input_projection_lookup_backward(Stack* s) {
         else s->token_slot[v] = -1;
     }
     s->n_seen = n;
-    enum { SLICE = 64 };   // each thread owns a slice of columns, so the sums run in a fixed order
-    #pragma omp parallel for schedule(static) if (bt * GH > PAR_MIN_WORK)
-    for (int j0 = 0; j0 < GH; j0 += SLICE) {
-        int w = GH - j0 < SLICE ? GH - j0 : SLICE;
-        for (int i = 0; i < n; i++) memset(s->dproj + (size_t)i * GH + j0, 0, w * sizeof(float));
-        for (long r = 0; r < bt; r++) {
-            float* dst = s->dproj + (size_t)s->token_slot[s->tokens[r]] * GH + j0;
-            const float* src = s->dgates + r * GH + j0;
-            for (int j = 0; j < w; j++) dst[j] += src[j];
-        }
-    }
+    for (long r = 0; r < bt; r++) s->row_slot[r] = s->token_slot[s->tokens[r]];
+    s->mm->k->sum_by_slot(s->dproj, s->dgates, s->row_slot, bt, n, GH);
     for (int i = 0; i < n; i++)
         memcpy(s->table_seen + (size_t)i * E, s->table + (size_t)s->seen[i] * E, E * sizeof(float));
     matmul(s->mm, s->dw_ih[0], s->dproj, 1, GH, s->table_seen, E, 1, GH, E, n, 1);
@@ -432,11 +426,12 @@ static void bias_backward(Stack* s, int l) {
     int GH = cell_gates(s->cell) * s->hidden_size;
     long bt = (long)s->B * s->T;
     memset(s->bias_sums, 0, GH * sizeof(float));
-    if (looks_up(s, l)) colsum_accumulate(s->bias_sums, s->dproj, s->n_seen, GH);
-    else colsum_accumulate(s->bias_sums, s->dgates, bt, GH);
+    const Kernels* k = s->mm->k;
+    if (looks_up(s, l)) k->colsum(s->bias_sums, s->dproj, s->n_seen, GH);
+    else k->colsum(s->bias_sums, s->dgates, bt, GH);
     for (int j = 0; j < GH; j++) s->db_ih[l][j] += s->bias_sums[j];
     if (s->dgates_h == s->dgates) { for (int j = 0; j < GH; j++) s->db_hh[l][j] += s->bias_sums[j]; }
-    else colsum_accumulate(s->db_hh[l], s->dgates_h, bt, GH);
+    else k->colsum(s->db_hh[l], s->dgates_h, bt, GH);
 }
 
 // dy holds dL/d(output of layer l); writes dL/d(input of layer l) to dxin
@@ -854,15 +849,7 @@ int model_forward(Model* m, const int* inputs, const int* targets, const float* 
     m->head_x = m->rnn.dropped ? m->head_in : top;
     matmul(&m->mm, m->logits, m->head_x, H, 1, m->head_w, 1, H, (int)bt, V, H, 0);
     // bias, then log-sum-exp per row and the mean cross-entropy
-    #pragma omp parallel for schedule(static) if ((long)bt * V > PAR_MIN_WORK)
-    for (long r = 0; r < (long)bt; r++) {
-        float* z = m->logits + (size_t)r * V;
-        float mx = -FLT_MAX;
-        for (int v = 0; v < V; v++) { z[v] += m->head_b[v]; mx = z[v] > mx ? z[v] : mx; }
-        float sum = 0.0f;
-        for (int v = 0; v < V; v++) sum += exp_approx(z[v] - mx);
-        m->lse[r] = mx + logf(sum);
-    }
+    m->mm.k->logits_lse(m->lse, m->logits, m->head_b, (long)bt, V);
     double loss = 0.0;   // serial and in double: fixed order, and cheap next to the GEMMs
     if (targets) for (size_t r = 0; r < bt; r++) loss += m->lse[r] - m->logits[r * V + m->targets[r]];
     m->loss = targets ? (float)(loss / (double)bt) : 0.0f;
@@ -878,15 +865,9 @@ int model_backward(Model* m) {
     if (!m->B || !m->has_targets) return fail("backward needs a forward pass with targets first");
     int B = m->B, T = m->T, V = m->config.vocab_size, H = m->config.hidden_size;
     size_t bt = (size_t)B * T;
-    float scale = 1.0f / (float)bt;
-    #pragma omp parallel for schedule(static) if ((long)bt * V > PAR_MIN_WORK)
-    for (long r = 0; r < (long)bt; r++) {
-        float* z = m->logits + (size_t)r * V;
-        for (int v = 0; v < V; v++) z[v] = exp_approx(z[v] - m->lse[r]) * scale;
-        z[m->targets[r]] -= scale;
-    }
+    m->mm.k->logits_grad(m->logits, m->lse, m->targets, 1.0f / (float)bt, (long)bt, V);   // softmax - onehot
     matmul(&m->mm, m->dhead_w, m->logits, 1, V, m->head_x, H, 1, V, H, (int)bt, 1);
-    colsum_accumulate(m->dhead_b, m->logits, bt, V);
+    m->mm.k->colsum(m->dhead_b, m->logits, bt, V);
     matmul(&m->mm, m->rnn.dy, m->logits, V, 1, m->head_w, H, 1, (int)bt, H, V, 0);
     if (m->rnn.dropped) dropout_backward(m->rnn.dy, m->head_mask, bt * H);
     stack_backward_acts(&m->rnn, m->dx, m->dh0, m->dc0, NULL, NULL);
@@ -905,20 +886,18 @@ double pyrnn_sum_squares(const float* x, size_t n) { return sum_squares(x, n); }
 
 // one AdamW update of n floats: the gradient scaled by grad_scale (the clip factor), t the number of
 // this step (1-based). The model's step and the layer API's optimizer (pyrnn.AdamW) both run this.
+static void adamw_run(const Kernels* k, float* params, float* m, float* v, const float* grads, size_t n,
+                      float grad_scale, int t, float lr, float beta1, float beta2, float eps, float weight_decay) {
+    float bc1 = 1.0f - powf(beta1, (float)t);
+    k->adamw(params, m, v, grads, n, grad_scale, 1.0f - lr * weight_decay, lr / bc1,
+             sqrtf(1.0f - powf(beta2, (float)t)), beta1, beta2, eps);
+}
+
+// the layer API's, on the chosen kernel set (a bad PYRNN_ISA leaves none, and no layer to update either)
 void adamw_update(float* params, float* m, float* v, const float* grads, size_t n, float grad_scale, int t,
                   float lr, float beta1, float beta2, float eps, float weight_decay) {
-    float bc1 = 1.0f - powf(beta1, (float)t);
-    float bc2_sqrt = sqrtf(1.0f - powf(beta2, (float)t));
-    float step_size = lr / bc1;
-    float decay = 1.0f - lr * weight_decay;
-    #pragma omp parallel for schedule(static) if ((long)n > PAR_MIN_WORK)
-    for (long i = 0; i < (long)n; i++) {
-        float g = grads[i] * grad_scale;
-        float mi = beta1 * m[i] + (1.0f - beta1) * g;
-        float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
-        m[i] = mi; v[i] = vi;
-        params[i] = params[i] * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
-    }
+    const KernelSet* set = kernel_set_chosen();
+    if (set) adamw_run(set->fp32, params, m, v, grads, n, grad_scale, t, lr, beta1, beta2, eps, weight_decay);
 }
 
 // the AdamW moments, zeroed, unless the model has them already
@@ -945,7 +924,8 @@ int model_step(Model* m, float lr, float beta1, float beta2, float eps, float we
     float clip = 1.0f;
     if (max_grad_norm > 0.0f) { clip = max_grad_norm / (norm + 1e-6f); if (clip > 1.0f) clip = 1.0f; }
     m->adam_t++;
-    adamw_update(m->params, m->m, m->v, m->grads, m->num_params, clip, m->adam_t, lr, beta1, beta2, eps, weight_decay);
+    adamw_run(m->mm.k, m->params, m->m, m->v, m->grads, m->num_params, clip, m->adam_t, lr, beta1, beta2, eps,
+              weight_decay);
     return 0;
 }
 

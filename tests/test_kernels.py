@@ -61,12 +61,16 @@ def test_bf16_matches_the_oracle_bf16(cell, B):
 @pytest.mark.skipif(len(RUNNABLE) < 2, reason='one kernel set runs here: nothing to compare')
 def test_bf16_is_the_same_on_every_set(kernel_set):
     # the bf16 GEMMs give the same bits on every set: products of bf16 are exact, the sums run in one
-    # order. The cells may not (a set with FMA fuses their multiply-adds), so the model here is the
-    # ReLU RNN, whose cell only adds and compares
+    # order. The rest may not (a set with FMA fuses the multiply-adds of the cells, the softmax, AdamW),
+    # so the model here is a ReLU RNN layer, forward and backward: GEMMs, and a cell that only adds
+    x = np.random.default_rng(4).normal(size=(7, 19, 5)).astype(np.float32)
     runs = []
     for isa in RUNNABLE:
         kernel_set(isa)
-        runs.append(lm_run('rnn_relu', 'c', 'bf16', B=19))
+        m = pyrnn.RNN(5, 24, 2, nonlinearity='relu', seed=0, precision='bf16')
+        out, h = m(x)
+        dx, dh0 = m.backward(np.cos(out))
+        runs.append(dict(out=out, h=h, dx=dx, dh0=dh0, **{k: g.copy() for k, g in m.grad.items()}))
     for r in runs[1:]:
         for k in r:
             np.testing.assert_array_equal(r[k], runs[0][k], err_msg=k)
