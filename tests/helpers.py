@@ -249,6 +249,16 @@ int gpu_lm_train_step(void* self, float* loss, float* norm, const int* x, const 
 '''
 
 
+def reload_cuda_module(monkeypatch):
+    """The next import of pyrnn._cuda loads the library anew (PYRNN_CUDA_LIB as set now), and the test's end
+    restores the module: both sys.modules and the package attribute, which `from . import _cuda` reads."""
+    import sys
+
+    import pyrnn
+    monkeypatch.delitem(sys.modules, 'pyrnn._cuda', raising=False)
+    monkeypatch.delattr(pyrnn, '_cuda', raising=False)
+
+
 def build_cuda_stand_in(folder):
     """The stand-in's path, built in folder; None (with the reason) when it cannot be built here."""
     try:

@@ -20,7 +20,7 @@ import pyrnn
 from pyrnn import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import build_cuda_stand_in  # noqa: E402
+from helpers import build_cuda_stand_in, reload_cuda_module  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB_SOURCE = os.path.join(ROOT, 'cuda', 'lib_rnn.cu')
@@ -109,7 +109,7 @@ def test_an_old_library_is_refused_by_name(tmp_path, monkeypatch):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     monkeypatch.setenv('PYRNN_CUDA_LIB', str(tmp_path / 'old.so'))
-    monkeypatch.delitem(sys.modules, 'pyrnn._cuda', raising=False)
+    reload_cuda_module(monkeypatch)
     with pytest.raises(ImportError, match=r'lacks gpu_lm_free, gpu_last_error, .*rebuild it with `make lib_gpu`'):
         importlib.import_module('pyrnn._cuda')
     with pytest.raises(RuntimeError, match='the cuda backend is not built: .*lacks gpu_lm_free'):
@@ -130,14 +130,11 @@ def stand_in(tmp_path_factory):
 def cuda(stand_in, monkeypatch):
     """backend='cuda' runs on the stand-in for this test."""
     monkeypatch.setenv('PYRNN_CUDA_LIB', stand_in)
-    real = sys.modules.pop('pyrnn._cuda', None)   # the next import loads the stand-in ...
+    reload_cuda_module(monkeypatch)   # the next import loads the stand-in, and no later test sees it
     threads = pyrnn.get_num_threads()
     pyrnn.set_num_threads(1)   # the stand-in is single-threaded: the C side too, for the same sums
     yield
     pyrnn.set_num_threads(threads)
-    sys.modules.pop('pyrnn._cuda', None)   # ... and no later test sees it
-    if real is not None:
-        sys.modules['pyrnn._cuda'] = real
 
 
 def batch(vocab, B=3, T=12, seed=0):

@@ -1,11 +1,16 @@
 """Bad input to the Python API raises a clear ValueError / TypeError naming the argument and
 the shapes, before anything reaches C; a rejected call leaves the module usable."""
 import importlib
+import os
+import sys
 
 import numpy as np
 import pytest
 
 import pyrnn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import reload_cuda_module  # noqa: E402
 
 BACKENDS = ['c', 'numpy']
 V, E, H, L, B, T = 7, 4, 5, 2, 3, 4
@@ -113,11 +118,12 @@ def test_relu_rnn_cell_names():
         pyrnn.LSTM(3, H, backend='gpu')
 
 
-def test_cuda_backend_errors_are_clear():
+def test_cuda_backend_errors_are_clear(monkeypatch):
     """Without the GPU library: 'not built'. With it but no usable GPU: the CUDA error, at the first
     forward. The layer API never takes 'cuda'."""
     with pytest.raises(ValueError, match="backend='cuda' is for CharLM"):
         pyrnn.GRU(3, H, backend='cuda')
+    reload_cuda_module(monkeypatch)   # whatever an earlier test loaded, the library as this process finds it
     try:
         importlib.import_module('pyrnn._cuda')
     except ImportError:

@@ -553,9 +553,19 @@ def test_gpu_verify_deps_offline_with_the_gpu_machines_python(tmp_path, fake_lib
     wheels.mkdir()
     fake_wheel(wheels, 'cffi')
     fake_wheel(wheels, 'pycparser')
+    cudnn, cublas = tmp_path / 'cudnn', tmp_path / 'cublas'   # headers only: this Python may lack the wheels
+    (cudnn / 'include').mkdir(parents=True)
+    (cudnn / 'include' / 'cudnn.h').write_text('')
+    (cudnn / 'include' / 'cudnn_version.h').write_text(
+        '#define CUDNN_MAJOR 9\n#define CUDNN_MINOR 7\n#define CUDNN_PATCHLEVEL 1\n')
+    (cublas / 'include').mkdir(parents=True)
+    (cublas / 'include' / 'cublas_v2.h').write_text('')
+    (cublas / 'include' / 'cublas_api.h').write_text(
+        '#define CUBLAS_VER_MAJOR 13\n#define CUBLAS_VER_MINOR 1\n#define CUBLAS_VER_PATCH 0\n')
     env = dict(fake_env(13000, 0), FAKE_CUDA_COUNT='1', PYRNN_LIBCUDA=str(fake_libcuda), GPU_VERIFY_PYTHON=py,
                GPU_VERIFY_WHEELS=str(wheels), GPU_VERIFY_OFFLINE='1', GPU_VERIFY_OUT=str(tmp_path / 'out'),
-               GPU_VERIFY_BUILD=str(tmp_path / 'build'), PIP_INDEX_URL='http://127.0.0.1:9/simple')
+               GPU_VERIFY_BUILD=str(tmp_path / 'build'), PIP_INDEX_URL='http://127.0.0.1:9/simple',
+               CUDNN_PATH=str(cudnn), CUBLAS_PATH=str(cublas))
     t = time.time()
     r = subprocess.run([sys.executable, os.path.join(SCRIPTS, 'gpu_verify.py'), '--only', 'deps'], env=env,
                        capture_output=True, text=True, timeout=300)
@@ -568,7 +578,8 @@ def test_gpu_verify_deps_offline_with_the_gpu_machines_python(tmp_path, fake_lib
     assert any(line.startswith('INFO deps: pytest is missing: the numerics stage will fail') for line in summary) \
         == (not has_pytest)
     deps = [line for line in summary if line.startswith('PASS deps: ')]
-    assert deps and deps[0].startswith(f'PASS deps: python {py} (Python 3.11, as asked); cuDNN ')
+    assert deps == [f'PASS deps: python {py} (Python 3.11, as asked); cuDNN 9.7.1 at {cudnn}; cuBLAS 13.1.0 at '
+                    f'{cublas}; not the pinned wheels (no index, or CUDNN_PATH)']
     assert summary[-1] == '3 passed, 0 failed'
     assert (tmp_path / 'build' / 'site' / 'cffi' / '__init__.py').exists()
     pip_runs = [line for line in (tmp_path / 'out' / 'deps.log').read_text().splitlines()
