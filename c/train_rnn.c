@@ -583,6 +583,12 @@ typedef struct {
     size_t x_cap;
     int* lengths;        // copy of the last forward's sequence lengths (B), or NULL
     size_t lengths_cap;
+    int* tokens;         // layer_forward_tokens: the last input's token ids (T, B), or NULL after layer_forward_api
+    size_t tokens_cap;
+    int by_token;        // 1 after layer_forward_tokens: backward's dx is then the table's gradient
+    int embedded;        // 1: its rows were embedded into x (a batch of fewer than V rows; backward scatters dx)
+    float* dx;           // then dL/dx, before it is scattered
+    size_t dx_cap;
     Matmul mm;
 } Layer;
 
@@ -590,7 +596,7 @@ void layer_free(Layer* m) {
     if (!m) return;
     stack_free(&m->s);
     matmul_free(&m->mm);
-    free(m->params); free(m->grads); free(m->x); free(m->lengths);
+    free(m->params); free(m->grads); free(m->x); free(m->lengths); free(m->tokens); free(m->dx);
     free(m);
 }
 
@@ -634,8 +640,8 @@ static void zero_past_lengths(float* y, const int* lengths, int B, int T, int wi
 // x (T, B, input_size) -> out (T, B, H), h_n / c_n (L, B, H); h0 / c0 may be NULL (zeros). lengths
 // (B, each in [1, T]) or NULL: torch's packed sequences, so out is zero past a sequence's end and
 // h_n / c_n hold each sequence's state at its last step
-int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float* x, const float* h0,
-                      const float* c0, const int* lengths, int B, int T) {
+// what both forwards share: the lengths' copy, room for the input, then the stack and its outputs
+static int layer_lengths(Layer* m, const int* lengths, int B, int T) {
     m->s.B = 0;   // until this forward succeeds, backward refuses: what it would read may be freed below
     if (batch_shape_check(B, T)) return -1;
     if (lengths) {
@@ -658,10 +664,12 @@ int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float*
         m->x_cap = m->x ? n : 0;
         if (!m->x) return fail("out of memory for the input copy");
     }
-    memcpy(m->x, x, n * sizeof(float));
-    // padding past a sequence's end is never read as input, but dW_ih sums over every row of x
-    zero_past_lengths(m->x, m->s.lengths, B, T, m->s.input_size);
-    if (stack_begin_pass(&m->s) || stack_forward_acts(&m->s, m->x, h0, c0, B, T)) return -1;
+    return 0;
+}
+
+static int layer_run(Layer* m, float* out, float* h_n, float* c_n, const float* x, const float* h0, const float* c0,
+                     int B, int T) {
+    if (stack_begin_pass(&m->s) || stack_forward_acts(&m->s, x, h0, c0, B, T)) return -1;
     size_t bh = (size_t)B * m->s.hidden_size;
     memcpy(out, m->s.h[m->s.n_layers - 1] + bh, (size_t)T * bh * sizeof(float));
     zero_past_lengths(out, m->s.lengths, B, T, m->s.hidden_size);
@@ -669,13 +677,68 @@ int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float*
     return 0;
 }
 
-// dout (T, B, H), dh_n / dc_n may be NULL -> dx (T, B, in), dh0 / dc0 (L, B, H); grads accumulate
+int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float* x, const float* h0,
+                      const float* c0, const int* lengths, int B, int T) {
+    if (layer_lengths(m, lengths, B, T)) return -1;
+    m->s.tokens = NULL;
+    m->s.table = m->s.table_weights = NULL;
+    m->s.dtable = NULL;
+    m->by_token = m->embedded = 0;
+    memcpy(m->x, x, (size_t)T * B * m->s.input_size * sizeof(float));
+    // padding past a sequence's end is never read as input, but dW_ih sums over every row of x
+    zero_past_lengths(m->x, m->s.lengths, B, T, m->s.input_size);
+    return layer_run(m, out, h_n, c_n, m->x, h0, c0, B, T);
+}
+
+// layer_forward_api with the input rows of table (V, input_size) named by tokens (T, B), as an
+// embedding gives them: from V rows on, layer 0 looks its projection up by token (a V-row GEMM, as the
+// language model does), and the next backward adds the table's gradient to its dx, of shape (V,
+// input_size). table must hold until then. pyrnn.torch runs a torch.nn.Embedding's output this way.
+int layer_forward_tokens(Layer* m, float* out, float* h_n, float* c_n, const int* tokens, const float* table, int V,
+                         const float* h0, const float* c0, const int* lengths, int B, int T) {
+    if (layer_lengths(m, lengths, B, T)) return -1;
+    size_t bt = (size_t)B * T;
+    if (V <= 0) return fail("vocabulary size must be positive, got %d", V);
+    if (tokens_check(tokens, bt, V, "input")) return -1;
+    if (bt > m->tokens_cap) {
+        free(m->tokens);
+        m->tokens = (int*)malloc(bt * sizeof(int));
+        m->tokens_cap = m->tokens ? bt : 0;
+        if (!m->tokens) return fail("out of memory");
+    }
+    memcpy(m->tokens, tokens, bt * sizeof(int));
+    if (V != m->s.table_rows) { m->s.table_rows = V; m->s.max_bt = 0; }   // the lookup's buffers are per V
+    m->s.table = m->s.table_weights = table;
+    m->by_token = 1;
+    m->embedded = !lookup_pays(bt, (size_t)V);
+    m->s.tokens = m->embedded ? NULL : m->tokens;
+    if (m->embedded) {
+        size_t n = bt * m->s.input_size;
+        if (n > m->dx_cap) {
+            free(m->dx);
+            m->dx = (float*)alloc_floats(n);
+            m->dx_cap = m->dx ? n : 0;
+            if (!m->dx) return fail("out of memory");
+        }
+        embedding_forward(m->x, table, m->tokens, (long)bt, m->s.input_size);
+        zero_past_lengths(m->x, m->s.lengths, B, T, m->s.input_size);
+    }
+    return layer_run(m, out, h_n, c_n, m->embedded ? m->x : NULL, h0, c0, B, T);
+}
+
+// dout (T, B, H), dh_n / dc_n may be NULL -> dx (T, B, in), dh0 / dc0 (L, B, H); grads accumulate, and so
+// does dx (V, in), the table's gradient, after layer_forward_tokens
 int layer_backward_api(Layer* m, float* dx, float* dh0, float* dc0, const float* dout, const float* dh_n,
                        const float* dc_n) {
     if (!m->s.B) return fail("backward called before forward");
     memcpy(m->s.dy, dout, (size_t)m->s.T * m->s.B * m->s.hidden_size * sizeof(float));
     zero_past_lengths(m->s.dy, m->s.lengths, m->s.B, m->s.T, m->s.hidden_size);   // those outputs were zeros
+    float* dtable = m->by_token ? dx : NULL;
+    m->s.dtable = m->embedded ? NULL : dtable;   // looked up by token: the stack adds to dtable itself
+    if (m->by_token) dx = m->embedded ? m->dx : NULL;
     stack_backward_acts(&m->s, dx, dh0, dc0, dh_n, dc_n);
+    if (m->embedded)   // embedded rows: their gradient, scattered into the table's
+        embedding_backward(dtable, m->dx, m->tokens, NULL, (long)m->s.B * m->s.T, m->s.input_size);
     return 0;
 }
 

@@ -64,6 +64,8 @@ int pyrnn_get_num_threads(void);
 Layer* layer_new(int cell, int input_size, int hidden_size, int n_layers, int has_bias);
 int layer_forward_api(Layer* m, float* out, float* h_n, float* c_n, const float* x, const float* h0,
                       const float* c0, const int* lengths, int B, int T);
+int layer_forward_tokens(Layer* m, float* out, float* h_n, float* c_n, const int* tokens, const float* table, int V,
+                         const float* h0, const float* c0, const int* lengths, int B, int T);
 int layer_backward_api(Layer* m, float* dx, float* dh0, float* dc0, const float* dout,
                        const float* dh_n, const float* dc_n);
 void layer_zero_grad(Layer* m);

@@ -134,16 +134,22 @@ def _bind(ffi, lib, layer, weights, grads):
     lib.layer_bind(layer.ptr, params, bufs)
 
 
-def _forward(ffi, lib, layer, x, h0, c0, lengths, weights, lstm):
-    """One C Layer forward; x (T, B, I), h0 / c0 (B, H) or None, all contiguous float32."""
-    T, B = x.shape[:2]
+def _forward(ffi, lib, layer, tokens, x, h0, c0, lengths, weights, lstm):
+    """One C Layer forward; x (T, B, I), h0 / c0 (B, H) or None, all contiguous float32. With tokens
+    (T, B int32), x is the table (V, I) their rows come from."""
+    T, B = x.shape[:2] if tokens is None else tokens.shape
     H = weights[1].shape[1]
     out, h_n = x.new_empty((T, B, H)), x.new_empty((B, H))
     c_n = x.new_empty((B, H)) if lstm else None
     _bind(ffi, lib, layer, weights, None)
     lens = ffi.NULL if lengths is None else ffi.cast('int*', lengths.data_ptr())
-    rc = lib.layer_forward_api(layer.ptr, _floats(ffi, out), _floats(ffi, h_n), _floats(ffi, c_n), _floats(ffi, x),
-                               _floats(ffi, h0), _floats(ffi, c0), lens, B, T)
+    if tokens is None:
+        rc = lib.layer_forward_api(layer.ptr, _floats(ffi, out), _floats(ffi, h_n), _floats(ffi, c_n),
+                                   _floats(ffi, x), _floats(ffi, h0), _floats(ffi, c0), lens, B, T)
+    else:
+        rc = lib.layer_forward_tokens(layer.ptr, _floats(ffi, out), _floats(ffi, h_n), _floats(ffi, c_n),
+                                      ffi.cast('int*', tokens.data_ptr()), _floats(ffi, x), x.shape[0],
+                                      _floats(ffi, h0), _floats(ffi, c0), lens, B, T)
     c_check(ffi, lib, rc)
     return out, h_n, c_n
 
@@ -154,16 +160,19 @@ def _contiguous(*ts):
 
 class _LayerFunction(torch.autograd.Function):
     """One layer and direction: (x (T, B, I), h0, c0 (B, H) or None, weights) -> out (T, B, H), h_n, c_n
-    (LSTM only), computed by a C Layer of pool; lengths: int32 (B,) or None (all T)."""
+    (LSTM only), computed by a C Layer of pool; lengths: int32 (B,) or None (all T). With tokens (T, B
+    int32), x is an embedding's table (V, I) and the layer reads its rows by token: the table's gradient
+    is then x's."""
 
     @staticmethod
-    def forward(ctx, pool, lstm, lengths, x, h0, c0, *weights):
+    def forward(ctx, pool, lstm, lengths, tokens, x, h0, c0, *weights):
         ffi, lib = load()
         lib.pyrnn_set_num_threads(torch.get_num_threads())
         lease = _Lease(pool)
-        out, h_n, c_n = _forward(ffi, lib, lease.take(), *_contiguous(x, h0, c0), lengths, _contiguous(*weights), lstm)
+        out, h_n, c_n = _forward(ffi, lib, lease.take(), tokens, *_contiguous(x, h0, c0), lengths,
+                                 _contiguous(*weights), lstm)
         if any(ctx.needs_input_grad):
-            ctx.lease, ctx.lstm, ctx.lengths = lease, lstm, lengths
+            ctx.lease, ctx.lstm, ctx.lengths, ctx.tokens = lease, lstm, lengths, tokens
             ctx.save_for_backward(x, h0, c0, *weights)
         ctx.set_materialize_grads(False)
         return (out, h_n, c_n) if lstm else (out, h_n)
@@ -179,17 +188,19 @@ class _LayerFunction(torch.autograd.Function):
         lease = ctx.lease
         pool = lease.pool
         layer = pool.reclaim(lease)
+        tokens = ctx.tokens
+        dx = torch.empty_like(x) if tokens is None else torch.zeros_like(x)   # the table's: C adds to it
         if layer is None:   # taken by a later forward since: run this one again
             layer = lease.take()
-            _forward(ffi, lib, layer, x, h0, c0, ctx.lengths, weights, ctx.lstm)
+            _forward(ffi, lib, layer, tokens, x, h0, c0, ctx.lengths, weights, ctx.lstm)
         try:
             grads = [torch.zeros_like(w) for w in weights]   # C accumulates
-            dx = torch.empty_like(x)
-            B, H = x.shape[1], weights[1].shape[1]
+            T, B = (x.shape[0], x.shape[1]) if tokens is None else tokens.shape
+            H = weights[1].shape[1]
             dh0 = x.new_empty((B, H))
             dc0 = x.new_empty((B, H)) if ctx.lstm else None
             if dout is None:
-                dout = x.new_zeros((x.shape[0], B, H))
+                dout = x.new_zeros((T, B, H))
             dout, dh_n, dc_n = _contiguous(dout, dh_n, dc_n)
             _bind(ffi, lib, layer, weights, grads)
             rc = lib.layer_backward_api(layer.ptr, _floats(ffi, dx), _floats(ffi, dh0), _floats(ffi, dc0),
@@ -198,8 +209,8 @@ class _LayerFunction(torch.autograd.Function):
         finally:
             pool.give(layer)
         need = ctx.needs_input_grad
-        return (None, None, None, dx if need[3] else None, dh0 if need[4] else None, dc0 if need[5] else None,
-                *(g if n else None for g, n in zip(grads, need[6:])))
+        return (None, None, None, None, dx if need[4] else None, dh0 if need[5] else None,
+                dc0 if need[6] else None, *(g if n else None for g, n in zip(grads, need[7:])))
 
 
 class _Reverse(torch.autograd.Function):
@@ -223,6 +234,26 @@ def _reversal(lengths, T, B):
     n = torch.full((B,), T) if lengths is None else lengths.long()
     src = torch.where(t < n, n - 1 - t, t)
     return (src * B + torch.arange(B)).reshape(-1)
+
+
+def _embedding_rows(input, input_size):
+    """(indices, weight) when input is exactly the output of an embedding (nn.Embedding, F.embedding) of a
+    float32 weight that trains, with no padding_idx, scale_grad_by_freq or sparse gradient: then the stack
+    reads weight's rows by index, and gives weight the gradient its embedding would have. None otherwise.
+    The embedding's own output then receives no gradient from the stack (its other uses, if any, still
+    do), so the two gradients add up on weight as they would through the embedding."""
+    fn = getattr(input, 'grad_fn', None)
+    if fn is None or fn.name() != 'EmbeddingBackward0':
+        return None
+    if fn._saved_padding_idx not in (-1, 2 ** 64 - 1) or fn._saved_scale_grad_by_freq or fn._saved_sparse:
+        return None
+    weight = getattr(fn.next_functions[0][0], 'variable', None)
+    indices = fn._saved_indices
+    if (weight is None or not weight.requires_grad or weight.dtype != torch.float32 or weight.dim() != 2
+            or weight.shape[1] != input_size or not weight.is_contiguous() or weight.device.type != 'cpu'
+            or tuple(indices.shape) != tuple(input.shape[:-1])):
+        return None
+    return indices, weight
 
 
 # ----------------------------------------------------------------------------- modules
@@ -252,7 +283,11 @@ class _Accelerated:
             if hx is not None and unbatched:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if lstm else hx.unsqueeze(1)
         h0, c0 = hx if lstm and hx is not None else (hx, None)
-        out, h_n, c_n = self._stack(x, lengths, h0, c0, lstm)
+        rows = None if packed else _embedding_rows(input, self.input_size)
+        if rows is not None:   # time-major token ids, as the stack runs
+            ids = rows[0].unsqueeze(1) if input.dim() == 2 else rows[0].t() if self.batch_first else rows[0]
+            rows = (ids.to(torch.int32).contiguous(), rows[1])
+        out, h_n, c_n = self._stack(x, lengths, h0, c0, lstm, rows)
         hidden = (h_n, c_n) if lstm else h_n
         if packed:
             out = PackedSequence(pack_padded_sequence(out, lengths).data, batch_sizes, sorted_indices,
@@ -262,8 +297,10 @@ class _Accelerated:
             return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1)) if lstm else h_n.squeeze(1)
         return (out.transpose(0, 1) if self.batch_first else out), hidden
 
-    def _stack(self, x, lengths, h0, c0, lstm):
-        """x (T, B, I) time-major; lengths (B,) int64 or None; h0, c0 (L*D, B, H) or None."""
+    def _stack(self, x, lengths, h0, c0, lstm, rows=None):
+        """x (T, B, I) time-major; lengths (B,) int64 or None; h0, c0 (L*D, B, H) or None. rows: (tokens (T, B)
+        int32, table) when x holds an embedding's rows of table: layer 0's forward direction reads them by
+        token (the C model's lookup: a V-row GEMM for its input projection and both its gradients)."""
         T, B = x.shape[:2]
         D, L, H = 2 if self.bidirectional else 1, self.num_layers, self.hidden_size
         cell = _CELLS[self.mode]
@@ -279,7 +316,8 @@ class _Accelerated:
             for d in range(D):
                 k = l * D + d
                 xin = _Reverse.apply(inp, index) if d else inp
-                res = _LayerFunction.apply(pool, lstm, c_lengths, xin, h0s[k], c0s[k],
+                tokens, src = rows if rows is not None and k == 0 else (None, xin)
+                res = _LayerFunction.apply(pool, lstm, c_lengths, tokens, src, h0s[k], c0s[k],
                                            *self._flat_weights[k * n:(k + 1) * n])
                 outs.append(_Reverse.apply(res[0], index) if d else res[0])
                 hs.append(res[1])

@@ -251,6 +251,68 @@ def test_adamw_clip_loop_equals_torch(cell):
         close(f'{cell} 20 AdamW steps {name}', a, b, 1e-4)
 
 
+@pytest.fixture
+def fused(monkeypatch):
+    """The embeddings pyrnn.torch read by token in this test: one entry per forward, True when it did."""
+    seen, real = [], pt._embedding_rows
+    monkeypatch.setattr(pt, '_embedding_rows', lambda *a: seen.append(real(*a) is not None) or real(*a))
+    return seen
+
+
+@pytest.mark.parametrize('cell', CELLS)
+@pytest.mark.parametrize('shape', ['batch_first', 'time_major', 'unbatched'])
+@pytest.mark.parametrize('bidirectional', [False, True])
+@pytest.mark.parametrize('V', [5, 300])   # fewer ids than rows: the rows are embedded; more: looked up by token
+def test_an_embeddings_output_is_read_by_token(fused, cell, shape, bidirectional, V):
+    """nn.Embedding -> the module: layer 0 reads the table by token and the table's gradient is torch's,
+    with the embedding's output used a second time as well (both gradients add up on the table)."""
+    T, B, E, H = 7, 3, 4, 5
+    torch.manual_seed(2)
+    ref_emb, ref = torch.nn.Embedding(V, E), torch_module(cell, E, H, 2, batch_first=shape == 'batch_first',
+                                                          bidirectional=bidirectional)
+    ours_emb, ours = copy.deepcopy(ref_emb), pt.accelerate(copy.deepcopy(ref))
+    ids = torch.randint(0, V, {'batch_first': (B, T), 'time_major': (T, B), 'unbatched': (T,)}[shape])
+    w_emb = torch.randn(ids.shape + (E,))
+    grads, outs = [], []
+    for emb, rnn in ((ref_emb, ref), (ours_emb, ours)):
+        torch.manual_seed(4)
+        x = emb(ids)
+        out, hidden = rnn(x)
+        loss = sum((o * torch.randn_like(o)).sum() for o in [out] + flat(hidden)) + (x * w_emb).sum()
+        params = [emb.weight, *rnn.parameters()]
+        outs.append([out] + flat(hidden))
+        grads.append(torch.autograd.grad(loss, params))
+    assert fused == [True] and ran_on_c(ours)
+    for a, b in zip(outs[1], outs[0]):
+        close(f'embedding -> {cell} output', a, b)
+    for name, a, b in zip(['embedding.weight'] + [n for n, _ in ref.named_parameters()], grads[1], grads[0]):
+        close(f'embedding -> {cell} d{name}', a, b)
+
+
+@pytest.mark.parametrize('embedding', ['padding_idx', 'frozen', 'scale_grad_by_freq'])
+def test_embeddings_the_lookup_does_not_serve_run_as_rows(fused, embedding):
+    """A padding row (its gradient is zero), a frozen table or gradients scaled by frequency: the stack reads
+    the embedding's output as any input, and the gradients are torch's."""
+    V, T, B, E, H = 9, 6, 4, 3, 5
+    kw = {'padding_idx': 0} if embedding == 'padding_idx' else \
+        {'scale_grad_by_freq': True} if embedding == 'scale_grad_by_freq' else {}
+    torch.manual_seed(5)
+    ref_emb, ref = torch.nn.Embedding(V, E, **kw), torch.nn.LSTM(E, H)
+    ref_emb.weight.requires_grad_(embedding != 'frozen')
+    ours_emb, ours = copy.deepcopy(ref_emb), pt.accelerate(copy.deepcopy(ref))
+    ids = torch.randint(0, V, (T, B))
+    ids[0] = 0
+    grads = []
+    for emb, rnn in ((ref_emb, ref), (ours_emb, ours)):
+        params = [p for p in [emb.weight, *rnn.parameters()] if p.requires_grad]
+        grads.append(torch.autograd.grad(rnn(emb(ids))[0].square().sum(), params))
+    assert fused == [False] and ran_on_c(ours)
+    for a, b in zip(grads[1], grads[0]):
+        close(f'{embedding} embedding -> lstm gradient', a, b)
+    if embedding == 'padding_idx':
+        assert not grads[1][0][0].any()
+
+
 def test_accelerate_keeps_outputs_and_parameters_and_restore_goes_back():
     model = char_lm('gru')
     model.extra = torch.nn.LSTM(3, 4, proj_size=2)   # projections: left to torch
