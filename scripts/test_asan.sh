@@ -39,13 +39,15 @@ env "${SAN_ENV[@]}" PYRNN_TRAIN_CPU="$(realpath "$dir/train_cpu")" \
     "$PYTHON" -m pytest -q -p no:cacheprovider "${cli_tests[@]}"
 
 echo "== test_asan: pytest suite on the sanitized extension (libasan preloaded)"
-# the interpreter is not built with ASan: libasan comes first, and leak checking is off (CPython never
-# frees everything at exit)
+# the interpreter is not built with ASan: libasan comes first, then libstdc++ (else ASan finds no
+# __cxa_throw to wrap and aborts at torch's first C++ exception), and leak checking is off (CPython
+# never frees everything at exit)
 root=$PWD
 ignored=()
 for t in "${cli_tests[@]}" tests/test_kill_resume.py; do ignored+=("--ignore=$root/$t"); done
 cd "$dir/py"
-export LD_PRELOAD=$($CC -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+export LD_PRELOAD="$($CC -print-file-name=libasan.so) $($CC -print-file-name=libstdc++.so)" \
+    ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
     UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 "$PYTHON" -c "import os, pyrnn._crnn as m
 assert os.path.realpath(m.__file__).startswith(os.getcwd()), m.__file__
