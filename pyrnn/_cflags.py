@@ -8,11 +8,11 @@ so `make train_cpu` needs nothing beyond Python 3, a C compiler and make.
 
 The build flags: -O3 (else -O2), the target, and -fopenmp, -fno-math-errno and -falign-loops=64 when
 the compiler takes them (without OpenMP the C code runs serially; we never read errno, and a sqrtf
-that may set it keeps the AdamW loop scalar; see build_flags for the alignment). ARCH any (the default) is one build for every CPU of the
-architecture: no -march, and c/isa.h compiles the kernels of every instruction set and picks one at
-run time. Any other ARCH is a build for that CPU alone, -march=ARCH -DPYRNN_ONE_ISA (native: this
-machine; left out, so the build is `any`, when the compiler does not take it); an ARCH the compiler
-does not take is an error.
+that may set it keeps the AdamW loop scalar; see build_flags for the alignment). ARCH any (the
+default) is one build for every CPU of the architecture: no -march, and c/isa.h compiles the kernels
+of every instruction set and picks one at run time. Any other ARCH is a build for that CPU alone,
+-march=ARCH -DPYRNN_ONE_ISA (native: this machine; left out, so the build is `any`, when the compiler
+does not take it); an ARCH the compiler does not take is an error.
 """
 import argparse
 import os

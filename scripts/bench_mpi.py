@@ -52,7 +52,8 @@ def binary():
     if os.environ.get("PYRNN_TRAIN_CPU_MPI"):
         return os.environ["PYRNN_TRAIN_CPU_MPI"]
     path = os.path.join(ROOT, "train_cpu_mpi")
-    r = subprocess.run(["make", "-s", "train_cpu_mpi", f"PYTHON={sys.executable}"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(["make", "-s", "train_cpu_mpi", f"PYTHON={sys.executable}"], cwd=ROOT, capture_output=True,
+                       text=True)
     if r.returncode != 0:
         sys.exit(f"make train_cpu_mpi failed:\n{r.stdout}{r.stderr}")
     return path
@@ -139,7 +140,8 @@ def main(argv=None):
         row = {"ranks": ranks, "threads": threads, "step_ms": step_ms, "allreduce_ms": comm_ms,
                "allreduce_share": comm_ms / step_ms, "tok_s": model[3] * model[4] / (step_ms / 1e3)}
         result["layouts"].append(row)
-        print(f"{ranks:>5} x {threads} thr {step_ms:9.2f} {comm_ms:14.2f} {row['allreduce_share']:7.1%} {row['tok_s']:9.0f}")
+        print(f"{ranks:>5} x {threads} thr {step_ms:9.2f} {comm_ms:14.2f} {row['allreduce_share']:7.1%} "
+              f"{row['tok_s']:9.0f}")
     multi = [r for r in result["layouts"] if r["ranks"] > 1 and r["allreduce_ms"] > 0]
     single = [r for r in result["layouts"] if r["ranks"] == 1]
     if multi and single:

@@ -27,7 +27,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TILES = ('tile_rowmajor', 'tile_transposed', 'tile_copied')   # and tile_bf16_rows in a set with native bf16 (avx512bf16)
+# and tile_bf16_rows in a set with native bf16 (avx512bf16)
+TILES = ('tile_rowmajor', 'tile_transposed', 'tile_copied')
 CELLS = {'rnn_forward': 2, 'rnn_backward': 1, 'lstm_forward': 1, 'lstm_backward': 1, 'gru_forward': 1,
          'gru_backward': 1}   # each cell wrapper's `#pragma omp simd` loops (cells.h)
 # target: (family, compiler option of this script, flags, {kernel set: vector bytes})
