@@ -52,4 +52,7 @@ export LD_PRELOAD="$($CC -print-file-name=libasan.so) $($CC -print-file-name=lib
 "$PYTHON" -c "import os, pyrnn._crnn as m
 assert os.path.realpath(m.__file__).startswith(os.getcwd()), m.__file__
 print('sanitized extension:', m.__file__)"
-"$PYTHON" -m pytest -q -p no:cacheprovider "$root/tests" "${ignored[@]}"
+# the programs the tests start inherit the preload, and nvcc crashes under libasan: the tests of the GPU
+# tools and of the built GPU library, which never load the extension, run in `make test` only
+"$PYTHON" -m pytest -q -p no:cacheprovider "$root/tests" "${ignored[@]}" --ignore="$root/tests/test_gpu_tools.py" \
+    -k 'not test_the_built_library_exports_the_call_table'
